@@ -1,0 +1,1 @@
+"""nni_pipebd: Pipe-BD blockwise-distillation NAS for NNI."""

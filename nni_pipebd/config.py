@@ -1,0 +1,341 @@
+"""The job description: YAML file <-> validated dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError", "TeacherConfig", "StudentConfig", "ModelConfig", "DataConfig",
+    "DistillConfig", "ExecutionConfig", "Config", "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+@dataclass
+class TeacherConfig:
+    """The pretrained teacher and how it is split into blocks.
+
+    Parameters
+    ----------
+    arch : str
+        ``mobilenet_v2``, ``efficientnet_b0``, ``resnet18`` (torchvision) or ``digits_cnn``.
+    num_classes : int
+        Classes of the classifier head.
+    kwargs : dict
+        Extra keyword arguments of the torchvision constructor (e.g. ``width_mult``).
+    checkpoint : str, optional
+        Path of a local ``state_dict`` (relative paths are relative to the config file).
+    weights : str, optional
+        Name of torchvision weights (e.g. ``IMAGENET1K_V1``) present in the local torch hub cache.
+    train_if_missing : bool
+        When ``checkpoint`` does not exist, train the teacher on the configured data and cache it there.
+    train_epochs : int
+        Epochs of that teacher training.
+    boundaries : list of int, optional
+        Block boundaries as start indices into the teacher's layer list; default: where resolution or
+        width change, with the classifier head as its own last block.
+    """
+
+    arch: str = "mobilenet_v2"
+    num_classes: int = 10
+    kwargs: dict = field(default_factory=dict)
+    checkpoint: Optional[str] = None
+    weights: Optional[str] = None
+    train_if_missing: bool = False
+    train_epochs: int = 10
+    boundaries: Optional[list] = None
+
+
+@dataclass
+class StudentConfig:
+    """The student: a DNA supernet (``dna``) or one fixed path of it (``fixed``).
+
+    Parameters
+    ----------
+    kind : str
+        ``dna`` (supernet blocks with NNI ``LayerChoice``) or ``fixed`` (one path, for compression).
+    kernels, expansions : list of int
+        MBConv candidate kernel sizes and expansion ratios.
+    identity : bool
+        Add an identity candidate where stride is 1 and widths match.
+    width_mult : float
+        Student width relative to the teacher block's output width (inner layers only).
+    layers : list of int, optional
+        Layers per block; default: derived from the teacher's blocks.
+    path : dict or str, optional
+        For ``fixed``: an NNI sample dict, or one candidate name (e.g. ``k3e3``) used everywhere.
+    """
+
+    kind: str = "dna"
+    kernels: list = field(default_factory=lambda: [3, 5, 7])
+    expansions: list = field(default_factory=lambda: [3, 6])
+    identity: bool = False
+    width_mult: float = 1.0
+    layers: Optional[list] = None
+    path: Optional[Union[dict, str]] = None
+
+
+@dataclass
+class ModelConfig:
+    """Teacher and student."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+
+
+@dataclass
+class DataConfig:
+    """The data set, its preprocessing and the batch size.
+
+    Parameters
+    ----------
+    name : str
+        ``digits`` (scikit-learn, ships), ``synthetic``, ``cifar10`` (local folder) or ``imagefolder``.
+    root : str, optional
+        Folder of ``cifar10`` / ``imagefolder`` data (relative to the config file).
+    image_size : int
+        Side of the (square) input images.
+    channels : int
+        Input channels (digits are grey and replicated to this many channels).
+    batch_size : int
+        Global batch size of one step (split across a data-parallel group).
+    num_samples : int
+        Size of the ``synthetic`` data set.
+    num_workers : int
+        Loader worker processes.
+    """
+
+    name: str = "digits"
+    root: Optional[str] = None
+    image_size: int = 32
+    channels: int = 3
+    batch_size: int = 32
+    num_samples: int = 256
+    num_workers: int = 0
+
+
+@dataclass
+class DistillConfig:
+    """Blockwise distillation hyper-parameters (the same for every block).
+
+    Parameters
+    ----------
+    loss : str
+        ``mse`` or ``nmse`` (MSE divided by the teacher output's mean square, DNA-style normalisation).
+    optimizer : str
+        ``sgd`` or ``adam``.
+    lr, momentum, weight_decay : float
+        Optimizer settings.
+    schedule : str
+        ``cosine`` (over all steps of the block) or ``constant``.
+    epochs : int
+        Epochs per block.
+    max_steps_per_epoch : int, optional
+        Cut every epoch after this many steps (quick runs, tests).
+    paths_per_step : int
+        Supernet paths sampled per step (1 = SPOS/DNA); gradients of the paths are averaged.
+    seed : int
+        Seeds student initialisation, path sampling and data order.
+    """
+
+    loss: str = "mse"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    epochs: int = 1
+    max_steps_per_epoch: Optional[int] = None
+    paths_per_step: int = 1
+    seed: int = 0
+
+
+@dataclass
+class ExecutionConfig:
+    """How the work is laid out on processes and devices.
+
+    Parameters
+    ----------
+    executor : str
+        A registered executor name (``reference``, ``dp``, ...).
+    workers : int
+        Worker processes (one per device).
+    backend : str
+        ``auto`` (NCCL with CUDA, else gloo), ``gloo`` or ``nccl``.
+    device : str
+        ``auto``, ``cpu`` or ``cuda``.
+    sync_bn : bool
+        Synchronise BatchNorm statistics inside a data-parallel group (same math as one process).
+    timeout_s : float
+        Timeout of every collective and receive.
+    threads_per_worker : int, optional
+        ``torch.set_num_threads`` in each worker.
+    """
+
+    executor: str = "reference"
+    workers: int = 1
+    backend: str = "auto"
+    device: str = "auto"
+    sync_bn: bool = True
+    timeout_s: float = 300.0
+    threads_per_worker: Optional[int] = None
+
+
+@dataclass
+class Config:
+    """A whole job: model, data, distillation and execution.
+
+    ``base_dir`` (not part of the YAML) is the folder relative paths are resolved against.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    base_dir: str = field(default=".", metadata={"yaml": False})
+
+    @classmethod
+    def from_dict(cls, raw: dict, base_dir: Union[str, Path] = ".") -> "Config":
+        """Build a validated config from plain data (unknown keys and wrong types raise)."""
+        config = _build(cls, raw, "")
+        config.base_dir = str(base_dir)
+        validate(config)
+        return config
+
+    def to_dict(self) -> dict:
+        """Plain data for YAML/JSON (without ``base_dir``)."""
+        raw = dataclasses.asdict(self)
+        raw.pop("base_dir")
+        return raw
+
+    def resolve_path(self, path: Optional[str]) -> Optional[Path]:
+        """Resolve a path of the config relative to ``base_dir``."""
+        if path is None:
+            return None
+        path = Path(path).expanduser()
+        return path if path.is_absolute() else Path(self.base_dir) / path
+
+    def replace(self, **sections: dict) -> "Config":
+        """A copy with some fields of some sections changed, e.g. ``execution={"workers": 2}``."""
+        raw = self.to_dict()
+        for section, values in sections.items():
+            if section not in raw:
+                raise ConfigError(f"unknown config section {section!r}; valid: {sorted(raw)}")
+            raw[section].update(values)
+        return Config.from_dict(raw, self.base_dir)
+
+
+def load_config(path: Union[str, Path]) -> Config:
+    """Read a YAML config file; relative paths inside resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    return Config.from_dict(raw, path.parent.resolve())
+
+
+_CHOICES = {
+    "model.student.kind": ("dna", "fixed"),
+    "data.name": ("digits", "synthetic", "cifar10", "imagefolder"),
+    "distill.loss": ("mse", "nmse"),
+    "distill.optimizer": ("sgd", "adam"),
+    "distill.schedule": ("cosine", "constant"),
+    "execution.backend": ("auto", "gloo", "nccl"),
+    "execution.device": ("auto", "cpu", "cuda"),
+}
+_POSITIVE = (
+    "model.teacher.num_classes", "data.image_size", "data.channels", "data.batch_size",
+    "data.num_samples", "distill.epochs", "distill.paths_per_step", "execution.workers",
+    "execution.timeout_s", "distill.lr", "model.student.width_mult",
+)
+
+
+def validate(config: Config) -> None:
+    """Check value ranges and choices; raise :class:`ConfigError` naming the key."""
+    for key, valid in _CHOICES.items():
+        value = _get(config, key)
+        if value not in valid:
+            raise ConfigError(f"{key} = {value!r} is not valid; choose one of {list(valid)}")
+    for key in _POSITIVE:
+        value = _get(config, key)
+        if value <= 0:
+            raise ConfigError(f"{key} = {value!r} must be > 0")
+    for key in ("distill.max_steps_per_epoch", "execution.threads_per_worker"):
+        value = _get(config, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key} = {value!r} must be > 0 (or null)")
+    if config.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers = {config.data.num_workers} must be >= 0")
+    student = config.model.student
+    for key, values in (("kernels", student.kernels), ("expansions", student.expansions)):
+        if not values or any(not isinstance(v, int) or v <= 0 for v in values):
+            raise ConfigError(f"model.student.{key} = {values!r} must be a non-empty list of positive ints")
+    if any(k % 2 == 0 for k in student.kernels):
+        raise ConfigError(f"model.student.kernels = {student.kernels!r} must be odd (same padding)")
+    if config.data.name in ("cifar10", "imagefolder") and config.data.root is None:
+        raise ConfigError(f"data.root must name the {config.data.name} folder (data.name = {config.data.name!r})")
+
+
+def _get(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {where + unknown[0]!r} in the config; valid keys here: {sorted(fields)}")
+    values = {}
+    for name, value in raw.items():
+        key = where + name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, key + ".")
+        else:
+            values[name] = _check_type(value, hint, key)
+    return cls(**values)
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    allowed = _allowed_types(hint)
+    if value is None and type(None) in allowed:
+        return None
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) and bool not in allowed:
+        ok = False
+    else:
+        ok = isinstance(value, tuple(t for t in allowed if t is not type(None)))
+    if not ok:
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise ConfigError(f"{key} = {value!r} has type {type(value).__name__}; expected {names}")
+    return value
+
+
+def _allowed_types(hint: Any) -> tuple:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(hint) for t in _allowed_types(arg))
+    if origin is not None:
+        return (origin,)
+    return (hint,)

@@ -1,0 +1,104 @@
+"""BlockTrainer: one student block, its optimizer, LR schedule and path sampler; one step from (input, target)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..config import DistillConfig
+from .loss import get_loss
+from .sampler import PathSampler
+
+__all__ = ["BlockTrainer", "NonFiniteLossError"]
+
+GradHook = Callable[[List[torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A block's loss became NaN or infinite."""
+
+
+class BlockTrainer:
+    """Trains student block ``index`` to reproduce its teacher block.
+
+    A step is :meth:`forward_backward` (``paths_per_step`` sampled paths, gradients averaged) followed by
+    :meth:`apply` (optimizer and LR schedule step). Executors may act between the two: all-reduce the
+    gradients of a data-parallel group, or wait at a barrier.
+
+    Parameters
+    ----------
+    index : int
+        Block index.
+    student : nn.Module
+        The student block (supernet with ``choices``/``set_path``, or fixed).
+    config : DistillConfig
+        Loss, optimizer, schedule, paths per step, seed.
+    total_steps : int
+        Steps this block will take (length of the cosine schedule).
+    """
+
+    def __init__(self, index: int, student: nn.Module, config: DistillConfig, total_steps: int):
+        self.index = index
+        self.student = student.train()
+        self.config = config
+        self.loss_fn = get_loss(config.loss)
+        self.sampler = PathSampler(getattr(student, "choices", {}), config.seed, index)
+        params = [p for p in student.parameters() if p.requires_grad]
+        if config.optimizer == "sgd":
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        elif config.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        else:
+            raise ValueError(f"unknown optimizer {config.optimizer!r}; valid: ['adam', 'sgd']")
+        if config.schedule == "cosine":
+            self.scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.optimizer, T_max=max(1, total_steps))
+        else:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
+        self.steps = 0
+        self.last_paths: List[Dict[str, str]] = []
+
+    def forward_backward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Gradients of the block loss on (x, target), averaged over the sampled paths; returns the loss (detached)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        k = self.config.paths_per_step
+        total = torch.zeros((), device=x.device)
+        self.last_paths = []
+        for _ in range(k):
+            path = self.sampler.sample()
+            if path:
+                self.student.set_path(path)
+            self.last_paths.append(path)
+            loss = self.loss_fn(self.student(x), target)
+            (loss / k if k > 1 else loss).backward()
+            total = total + loss.detach()
+        return total / k if k > 1 else total
+
+    def parameters_with_grad(self) -> List[torch.Tensor]:
+        """Parameters that received a gradient in the last :meth:`forward_backward` (the sampled path's)."""
+        return [p for p in self.student.parameters() if p.grad is not None]
+
+    def apply(self, loss: Optional[torch.Tensor] = None) -> None:
+        """Optimizer and LR schedule step; ``loss`` (if given) is checked to be finite first."""
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLossError(
+                f"block {self.index}: loss is {float(loss)} at step {self.steps}; lower distill.lr or check the data")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.steps += 1
+
+    def step(self, x: torch.Tensor, target: torch.Tensor, grad_hook: Optional[GradHook] = None) -> float:
+        """One whole step; ``grad_hook(params, loss)`` may reduce gradients and returns the loss to report."""
+        loss = self.forward_backward(x, target)
+        if grad_hook is not None:
+            loss = grad_hook(self.parameters_with_grad(), loss)
+        self.apply(loss)
+        return float(loss)
+
+    def state_dict(self) -> dict:
+        """Student weights only (what the block library stores)."""
+        return self.student.state_dict()

@@ -1,0 +1,118 @@
+"""The executor interface, what a worker reports, and the registry of executor names."""
+
+from __future__ import annotations
+
+import datetime
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Dict, List, Optional, Type
+
+import torch
+
+from ..config import Config
+from ..job import Job
+
+__all__ = ["WorkerContext", "BlockReport", "WorkerReport", "Executor", "register", "get_executor",
+           "executor_names"]
+
+
+@dataclass
+class WorkerContext:
+    """Where a worker runs: its rank in the world, its device and the process group (None alone)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    timeout: datetime.timedelta
+    group: Any = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.group is not None
+
+
+@dataclass
+class BlockReport:
+    """What one worker learned about one block it trained: mean loss per epoch and steps taken."""
+
+    losses: List[float] = field(default_factory=list)
+    steps: int = 0
+    _epoch: List[float] = field(default_factory=list, repr=False)
+
+    def add(self, loss: float) -> None:
+        """Record the loss of one step."""
+        self._epoch.append(float(loss))
+        self.steps += 1
+
+    def end_epoch(self) -> None:
+        """Close the epoch: its mean step loss joins ``losses``."""
+        if self._epoch:
+            self.losses.append(sum(self._epoch) / len(self._epoch))
+            self._epoch = []
+
+
+@dataclass
+class WorkerReport:
+    """A worker's results: the blocks it owns (and saved) and its counters."""
+
+    rank: int
+    blocks: Dict[int, BlockReport] = field(default_factory=dict)
+    counters: Dict[str, int] = field(default_factory=dict)
+
+    def count(self, name: str, value: int) -> None:
+        self.counters[name] = self.counters.get(name, 0) + int(value)
+
+
+class Executor(ABC):
+    """Runs a :class:`~nni_pipebd.job.Job` on one or more worker processes.
+
+    A subclass implements :meth:`run_worker`, called once in every worker with the job built there; it trains
+    the blocks the worker owns, writes them with ``save_block`` and returns a :class:`WorkerReport`. Launching
+    (in-process, local spawn or torchrun) and writing the block library are not its business.
+
+    Counters every executor reports: ``teacher_block_forwards`` (sample x teacher-block forwards) and
+    ``samples_loaded``, summed over workers.
+    """
+
+    name: ClassVar[str]
+    needs_process_group: ClassVar[bool] = True
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def check(self, world_size: int, num_blocks: Optional[int] = None) -> None:
+        """Raise ``ValueError`` if this executor cannot run on ``world_size`` workers (and ``num_blocks``)."""
+
+    @abstractmethod
+    def run_worker(self, ctx: WorkerContext, job: Job, save_block) -> WorkerReport:
+        """Train this worker's share; ``save_block(index, state_dict)`` stores a finished block."""
+
+
+_REGISTRY: Dict[str, Type[Executor]] = {}
+
+
+def register(cls: Type[Executor]) -> Type[Executor]:
+    """Class decorator adding an executor under ``cls.name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def executor_names() -> List[str]:
+    """Registered executor names."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_executor(name: str) -> Type[Executor]:
+    """The executor class called ``name``; an unknown name lists the valid ones."""
+    _load_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown executor {name!r}; valid: {sorted(_REGISTRY)}") from None
+
+
+def _load_builtin() -> None:
+    from . import dp, reference  # noqa: F401  (registration side effect)

@@ -1,0 +1,81 @@
+"""Job: what every worker builds from the config — block spec, training data and sample order."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Tuple
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .config import Config
+from .data.datasets import build_dataset, make_loader
+from .data.order import BatchOrder, shard
+from .spaces.builder import build_student
+from .spaces.dna import StudentSpace
+from .spec.blocks import BlockSpec, teacher_shapes
+from .spec.teachers import build_teacher_blocks
+
+__all__ = ["Job", "build_job"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """Everything an executor needs, built the same way in every process.
+
+    Attributes
+    ----------
+    config : Config
+        The resolved configuration.
+    spec : BlockSpec
+        Teacher and student blocks (shapes checked).
+    space : StudentSpace
+        The student blocks as one NNI model space (``space.freeze(sample)`` gives a network).
+    dataset : Dataset
+        Training data, items ``(image, label)``.
+    order : BatchOrder
+        Which samples form each step of each epoch.
+    """
+
+    config: Config
+    spec: BlockSpec
+    space: StudentSpace
+    dataset: Dataset
+    order: BatchOrder
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.spec)
+
+    @property
+    def steps_per_block(self) -> int:
+        """Optimizer steps of each block over the whole run."""
+        return self.config.distill.epochs * self.order.steps_per_epoch
+
+    def loader(self, epoch: int, rank: int = 0, world: int = 1, start_step: int = 0) -> Iterator[Tuple[Tensor, Tensor]]:
+        """``(images, labels)`` of every step of ``epoch``: the whole batch, or this rank's contiguous shard."""
+        batches = self.order.batches(epoch, start_step)
+        if world > 1:
+            batches = (shard(batch, rank, world) for batch in batches)
+        return iter(make_loader(self.dataset, batches, self.config.data.num_workers))
+
+
+def build_job(config: Config) -> Job:
+    """Build data, teacher blocks (weights loaded, frozen) and student blocks from ``config``."""
+    dataset = build_dataset(config.data, config.base_dir, "train")
+    sample = torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))])
+    t = config.model.teacher
+    with torch.random.fork_rng(devices=[]):  # a teacher without weights is still the same in every process
+        torch.manual_seed(config.distill.seed)
+        teacher = build_teacher_blocks(t.arch, t.num_classes, t.kwargs, config.resolve_path(t.checkpoint),
+                                       t.weights, t.boundaries, sample)
+    shapes = teacher_shapes(teacher, sample)
+    space = build_student(config.model.student, teacher, shapes, config.distill.seed)
+    spec = BlockSpec(teacher, list(space.blocks), sample)
+    order = BatchOrder(len(dataset), config.data.batch_size, config.distill.seed,
+                       config.distill.max_steps_per_epoch)
+    return Job(config, spec, space, dataset, order)

@@ -1,0 +1,89 @@
+"""The block library on disk: ``library.json`` (config, per-block losses, counters) and ``block_{i}.pt``."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, Union
+
+import torch
+
+__all__ = ["FORMAT", "LibraryError", "atomic_save", "block_path", "write_manifest", "load_manifest",
+           "load_block"]
+
+FORMAT = "nni_pipebd.library/1"
+MANIFEST = "library.json"
+
+
+class LibraryError(RuntimeError):
+    """A block library is missing, incomplete or unreadable."""
+
+
+def block_path(directory: Union[str, Path], index: int) -> Path:
+    """Where block ``index``'s student weights live."""
+    return Path(directory) / f"block_{index}.pt"
+
+
+def atomic_save(obj: Any, path: Union[str, Path]) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if path.suffix == ".json":
+            with open(tmp, "w") as f:
+                json.dump(obj, f, indent=2, sort_keys=False)
+                f.write("\n")
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_manifest(directory: Union[str, Path], manifest: Dict[str, Any]) -> Path:
+    """Write ``library.json`` last, atomically: its presence marks a complete library."""
+    missing = [i for i in range(manifest["num_blocks"]) if not block_path(directory, i).is_file()]
+    if missing:
+        raise LibraryError(f"{directory}: blocks {missing} were not written; the library is incomplete")
+    path = Path(directory) / MANIFEST
+    atomic_save({"format": FORMAT, **manifest}, path)
+    return path
+
+
+def load_manifest(directory: Union[str, Path]) -> Dict[str, Any]:
+    """Read and check ``library.json`` of a library folder."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise LibraryError(f"{directory} holds no {MANIFEST}: not a block library, or its training did not finish; "
+                           "run `nni-pipebd train CONFIG --out DIR` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise LibraryError(f"{path} is not valid JSON ({err}); the library is corrupt, train it again") from err
+    if manifest.get("format") != FORMAT:
+        raise LibraryError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def load_block(directory: Union[str, Path], index: int) -> Dict[str, torch.Tensor]:
+    """The student ``state_dict`` of block ``index``."""
+    path = block_path(directory, index)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise LibraryError(f"{path} is missing; the library in {directory} is incomplete") from None
+    except Exception as err:  # torch raises several types for truncated/corrupt files
+        raise LibraryError(f"{path} cannot be read ({type(err).__name__}: {err}); it is corrupt or truncated") from err
+
+
+def remove_stale(directory: Union[str, Path], indices: Iterable[int]) -> None:
+    """Delete a previous library's manifest and blocks (the manifest first, so nothing looks complete)."""
+    directory = Path(directory)
+    (directory / MANIFEST).unlink(missing_ok=True)
+    for i in indices:
+        block_path(directory, i).unlink(missing_ok=True)

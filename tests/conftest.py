@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny jobs that run in seconds on CPU."""
+
+import pytest
+import torch
+
+from nni_pipebd.config import Config
+
+
+def tiny_config(tmp_path=None, **sections) -> Config:
+    """A small synthetic job: digits_cnn teacher (random weights), 16x16 synthetic data, DNA student."""
+    raw = {
+        "model": {"teacher": {"arch": "digits_cnn", "num_classes": 10, "kwargs": {"width": 4}},
+                  "student": {"kind": "dna", "kernels": [3, 5], "expansions": [2]}},
+        "data": {"name": "synthetic", "image_size": 16, "channels": 3, "batch_size": 8, "num_samples": 32},
+        "distill": {"optimizer": "sgd", "lr": 0.05, "epochs": 1, "max_steps_per_epoch": 3, "seed": 3},
+        "execution": {"threads_per_worker": 1, "timeout_s": 60},
+    }
+    for section, values in sections.items():
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(raw[section].get(key), dict):
+                raw[section][key] = {**raw[section][key], **value}
+            else:
+                raw[section][key] = value
+    return Config.from_dict(raw, tmp_path or ".")
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config
+
+
+def load_blocks(directory, n):
+    return [torch.load(f"{directory}/block_{i}.pt") for i in range(n)]
+
+
+def assert_same_blocks(a_dir, b_dir, n, exact=True, **tolerances):
+    for i, (a, b) in enumerate(zip(load_blocks(a_dir, n), load_blocks(b_dir, n))):
+        assert a.keys() == b.keys(), f"block {i}: different keys"
+        for key in a:
+            if exact:
+                assert torch.equal(a[key], b[key]), f"block {i} {key}: not bitwise equal"
+            else:
+                torch.testing.assert_close(a[key], b[key], msg=f"block {i} {key}", **tolerances)

@@ -1,0 +1,34 @@
+import pytest
+
+from conftest import tiny_config
+from nni_pipebd.executors.base import executor_names, get_executor
+from nni_pipebd.executors.launch import train
+
+
+def test_unknown_executor_lists_valid_names():
+    with pytest.raises(ValueError, match=r"unknown executor 'gpipe'; valid: \['dp', 'reference'\]"):
+        get_executor("gpipe")
+    assert {"reference", "dp"} <= set(executor_names())
+
+
+def test_reference_refuses_several_workers(tmp_path):
+    with pytest.raises(ValueError, match="reference executor runs on 1 worker, not 2"):
+        train(tiny_config(tmp_path, execution={"workers": 2}), tmp_path / "out")
+
+
+def test_dp_refuses_more_workers_than_batch(tmp_path):
+    config = tiny_config(tmp_path, data={"batch_size": 2}, execution={"executor": "dp", "workers": 3})
+    with pytest.raises(ValueError, match="batch_size 2 < workers 3"):
+        train(config, tmp_path / "out")
+
+
+def test_existing_library_is_kept_unless_overwrite(tmp_path):
+    config = tiny_config(tmp_path, distill={"max_steps_per_epoch": 1})
+    out = tmp_path / "lib"
+    first = train(config, out)
+    assert sorted(p.name for p in out.iterdir()) == ["block_0.pt", "block_1.pt", "block_2.pt", "block_3.pt",
+                                                     "block_4.pt", "library.json"]
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        train(config, out)
+    second = train(config, out, overwrite=True)
+    assert second["blocks"] == first["blocks"]
