@@ -40,4 +40,5 @@ def assert_same_blocks(a_dir, b_dir, n, exact=True, **tolerances):
             if exact:
                 assert torch.equal(a[key], b[key]), f"block {i} {key}: not bitwise equal"
             else:
-                torch.testing.assert_close(a[key], b[key], msg=f"block {i} {key}", **tolerances)
+                torch.testing.assert_close(a[key], b[key], msg=lambda m, i=i, key=key: f"block {i} {key}: {m}",
+                                           **tolerances)

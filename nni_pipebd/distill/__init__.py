@@ -1,0 +1,1 @@
+"""Blockwise distillation: losses, path samplers, one block's training step."""

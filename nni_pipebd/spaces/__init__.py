@@ -1,0 +1,1 @@
+"""Student search spaces built with NNI (DNA MBConv supernet blocks)."""

@@ -1,0 +1,1 @@
+"""Teachers split into blocks, and the block spec pairing them with students."""

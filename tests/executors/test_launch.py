@@ -32,3 +32,24 @@ def test_existing_library_is_kept_unless_overwrite(tmp_path):
         train(config, out)
     second = train(config, out, overwrite=True)
     assert second["blocks"] == first["blocks"]
+
+
+@pytest.mark.timeout(180)
+def test_dp_under_torchrun_matches_spawn(tmp_path):
+    """env:// rendezvous as torchrun sets it up (multi-node capable); same library as local spawn."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import assert_same_blocks
+
+    config = tiny_config(tmp_path, execution={"executor": "dp", "workers": 2})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    train(config, tmp_path / "spawned")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "nni_pipebd.cli", "train", str(path), "--out", str(tmp_path / "torchrun")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_blocks(tmp_path / "spawned", tmp_path / "torchrun", 5, exact=True)

@@ -1,0 +1,74 @@
+import pytest
+import torch
+from torch import nn
+
+from nni_pipebd.config import ConfigError, StudentConfig
+from nni_pipebd.spaces.builder import block_geometry, build_student, fresh_copy
+from nni_pipebd.spaces.dna import DnaBlock
+from nni_pipebd.spec.blocks import teacher_shapes
+from nni_pipebd.spec.teachers import build_teacher_blocks
+
+SAMPLE = torch.randn(2, 3, 32, 32)
+
+
+def mobilenet():
+    torch.manual_seed(0)
+    return build_teacher_blocks("mobilenet_v2", 10, {"width_mult": 0.35}, sample=SAMPLE)
+
+
+def test_dna_student_follows_teacher_geometry():
+    t = mobilenet()
+    shapes = teacher_shapes(t, SAMPLE)
+    space = build_student(StudentConfig(), t, shapes, seed=0)
+    blocks = list(space.blocks)
+    assert [type(b) for b in blocks] == [DnaBlock] * 5 + [nn.Sequential]
+    # layer counts = spatial convs of each teacher block (MobileNetV2: one depthwise conv per inverted residual)
+    assert [len(b.layers) for b in blocks[:5]] == [2, 2, 3, 7, 4]
+    assert list(space.simplify())[:3] == ["s0_i0", "s0_i1", "s1_i0"]
+    for block, (shape_in, shape_out) in zip(blocks, shapes):
+        block.eval()
+        if isinstance(block, DnaBlock):
+            block.set_path({label: names[-1] for label, names in block.choices.items()})
+        assert block(torch.zeros((2,) + shape_in)).shape[1:] == shape_out
+
+
+def test_head_student_is_fresh_copy_without_dropout():
+    t = mobilenet()
+    head = fresh_copy(t[-1])
+    assert not any(isinstance(m, nn.Dropout) for m in head.modules())
+    assert all(p.requires_grad for p in head.parameters())
+    assert not torch.equal(head[0][3][1].weight, t[-1][0][3][1].weight)
+
+
+def test_initialisation_depends_only_on_seed_and_block():
+    t = mobilenet()
+    shapes = teacher_shapes(t, SAMPLE)
+    a = build_student(StudentConfig(), t, shapes, seed=1)
+    torch.manual_seed(99)
+    b = build_student(StudentConfig(), t, shapes, seed=1)
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+    c = build_student(StudentConfig(), t, shapes, seed=2)
+    assert not torch.equal(next(iter(a.blocks[0].parameters())), next(iter(c.blocks[0].parameters())))
+
+
+def test_fixed_student_and_errors():
+    t = mobilenet()
+    shapes = teacher_shapes(t, SAMPLE)
+    fixed = build_student(StudentConfig(kind="fixed", path="k5e3"), t, shapes, seed=0)
+    assert all(getattr(b, "choices", {}) == {} for b in fixed.blocks)
+    with pytest.raises(ConfigError, match="path is required"):
+        build_student(StudentConfig(kind="fixed"), t, shapes, seed=0)
+    with pytest.raises(ConfigError, match=r"'k9e9' is not a candidate"):
+        build_student(StudentConfig(kind="fixed", path="k9e9"), t, shapes, seed=0)
+    with pytest.raises(ConfigError, match=r"path has no choice for \['s0_i1'\]"):
+        build_student(StudentConfig(kind="fixed", path={"s0_i0": "k3e3"}), t, shapes, seed=0)
+    with pytest.raises(ConfigError, match="layers has 2 entries but the teacher has 6 blocks"):
+        build_student(StudentConfig(layers=[1, 2]), t, shapes, seed=0)
+
+
+def test_geometry_errors():
+    with pytest.raises(ValueError, match=r"block 3: .* resizes \(8, 8\) -> \(3, 3\)"):
+        block_geometry(3, nn.Identity(), (4, 8, 8), (4, 3, 3))
+    with pytest.raises(ValueError, match="block 0: a DNA block maps feature maps"):
+        block_geometry(0, nn.Identity(), (4, 8, 8), (10,))

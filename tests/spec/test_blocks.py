@@ -1,0 +1,39 @@
+import pytest
+import torch
+from torch import nn
+
+from nni_pipebd.spaces.dna import BlockGeometry, DnaBlock
+from nni_pipebd.spec.blocks import BlockSpec, ShapeMismatchError, block_seed
+
+
+def teacher():
+    return [nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU()), nn.Sequential(nn.Conv2d(8, 16, 3, 1, 1))]
+
+
+def test_spec_records_shapes_and_freezes_teacher():
+    t = teacher()
+    spec = BlockSpec(t, [DnaBlock(0, BlockGeometry(3, 8, 2, 1)), DnaBlock(1, BlockGeometry(8, 16, 1, 2))],
+                     torch.randn(2, 3, 8, 8))
+    assert spec.shapes == [((3, 8, 8), (8, 4, 4)), ((8, 4, 4), (16, 4, 4))]
+    assert len(spec) == 2
+    assert all(not p.requires_grad for block in t for p in block.parameters())
+    assert not t[0].training
+
+
+def test_mismatch_names_block_and_both_shapes():
+    with pytest.raises(ShapeMismatchError, match=r"block 1: student output shape \(12, 4, 4\).* != teacher output "
+                                                 r"shape \(16, 4, 4\) \(block input \(8, 4, 4\)\)"):
+        BlockSpec(teacher(), [DnaBlock(0, BlockGeometry(3, 8, 2, 1)), DnaBlock(1, BlockGeometry(8, 12, 1, 1))],
+                  torch.randn(2, 3, 8, 8))
+
+
+def test_wrong_input_width_and_block_count():
+    with pytest.raises(ShapeMismatchError, match=r"block 1: student block fails on the teacher block's input shape"):
+        BlockSpec(teacher(), [DnaBlock(0, BlockGeometry(3, 8, 2, 1)), nn.Conv2d(5, 16, 1)], torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="2 teacher blocks but 1 student blocks"):
+        BlockSpec(teacher(), [nn.Identity()], torch.randn(2, 3, 8, 8))
+
+
+def test_block_seed_distinct():
+    seeds = {block_seed(s, i) for s in range(5) for i in range(10)}
+    assert len(seeds) == 50

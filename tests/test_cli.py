@@ -1,0 +1,56 @@
+"""The README's main job, shrunk: `nni-pipebd train` on digits with a teacher trained and cached first."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import assert_same_blocks
+from nni_pipebd.cli import main
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits" / "config.yaml"
+pytestmark = pytest.mark.timeout(420)
+
+
+@pytest.fixture
+def digits_config(tmp_path):
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    raw["model"]["teacher"]["train_epochs"] = 1      # the example trains longer; the flow is the same
+    raw["model"]["teacher"]["checkpoint"] = "teacher.pt"
+    raw["execution"]["threads_per_worker"] = 1
+    raw["distill"]["optimizer"] = "sgd"  # Adam turns rounding-size gradient differences into lr-size steps
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_train_digits_reference_then_dp(digits_config, tmp_path, caplog, capsys):
+    caplog.set_level(logging.INFO)
+    a, b = tmp_path / "A", tmp_path / "B"
+    assert main(["train", str(digits_config), "--executor", "reference", "--max-steps", "2", "--out", str(a)]) == 0
+    assert "is absent: training mobilenet_v2 on digits" in caplog.text
+    assert (tmp_path / "teacher.pt").is_file()
+    manifest = json.loads((a / "library.json").read_text())
+    assert manifest["num_blocks"] == 6 and manifest["executor"] == "reference"
+    assert manifest["config"]["data"]["name"] == "digits"
+    assert all(len(block["losses"]) == 2 and block["steps"] == 4 for block in manifest["blocks"])  # 2 epochs x 2
+    assert manifest["blocks"][0]["choices"]["s0_i0"] == ["k3e3", "k3e6", "k5e3", "k5e6", "k7e3", "k7e6"]
+    capsys.readouterr()
+    assert main(["train", str(digits_config), "--executor", "dp", "--workers", "2", "--max-steps", "2",
+                 "--out", str(b), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["executor"] == "dp" and summary["workers"] == 2
+    assert summary["counters"]["teacher_block_forwards_per_sample"] == 21
+    assert_same_blocks(a, b, 6, exact=False, rtol=1e-3, atol=1e-4)
+
+
+def test_cli_errors_exit_2_with_message(tmp_path, caplog):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  batchsize: 3\n")
+    assert main(["train", str(bad)]) == 2
+    assert "unknown key 'data.batchsize'" in caplog.text
+    assert main(["train", str(tmp_path / "absent.yaml")]) == 2
+    assert "does not exist" in caplog.text
