@@ -30,9 +30,13 @@ def _train(args: argparse.Namespace) -> int:
         distill["max_steps_per_epoch"] = args.max_steps
     if args.seed is not None:
         distill["seed"] = args.seed
+    if args.boundaries is not None:
+        execution["boundaries"] = _int_list(args.boundaries, "--boundaries")
+    if args.no_decoupled:
+        execution["decoupled"] = False
     config = config.replace(execution=execution, distill=distill)
     out = Path(args.out or f"runs/{Path(args.config).stem}-{config.execution.executor}")
-    manifest = train(config, out, overwrite=args.overwrite)
+    manifest = train(config, out, overwrite=args.overwrite, trace=args.trace)
     if manifest is None:  # a torchrun rank other than 0
         return 0
     final = [round(block["losses"][-1], 6) if block["losses"] else None for block in manifest["blocks"]]
@@ -44,6 +48,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str, flag: str) -> List[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} must be comma-separated integers, e.g. 0,2,4") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nni-pipebd", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -52,13 +63,17 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a block library (blockwise distillation)")
     train.add_argument("config", help="YAML job file (e.g. examples/digits/config.yaml)")
-    train.add_argument("--executor", help="reference, dp, ... (overrides execution.executor)")
+    train.add_argument("--executor", help="reference, dp, ls or pipebd (overrides execution.executor)")
     train.add_argument("--workers", type=int, help="worker processes (overrides execution.workers)")
     train.add_argument("--epochs", type=int, help="epochs per block (overrides distill.epochs)")
     train.add_argument("--max-steps", type=int, help="cut every epoch after this many steps")
     train.add_argument("--seed", type=int, help="overrides distill.seed")
     train.add_argument("--out", help="library folder (default runs/<config>-<executor>)")
     train.add_argument("--overwrite", action="store_true", help="replace a library already in --out")
+    train.add_argument("--boundaries", help="pipebd: first block of every stage, e.g. 0,2,4")
+    train.add_argument("--no-decoupled", action="store_true",
+                       help="pipebd: barrier across stages before every step (teacher relaying only)")
+    train.add_argument("--trace", help="write the per-rank timeline to this Chrome-trace JSON file")
     train.add_argument("--json", action="store_true", help="print a JSON summary")
     train.set_defaults(func=_train)
     return parser

@@ -180,6 +180,14 @@ class ExecutionConfig:
         Timeout of every collective and receive.
     threads_per_worker : int, optional
         ``torch.set_num_threads`` in each worker.
+    boundaries : list of int, optional
+        ``pipebd``: the first block of every stage (one per worker, starting at 0); default: balanced by
+        estimated cost.
+    decoupled : bool
+        ``pipebd``: each stage steps its optimizers as soon as its backward ends (DPU); off, all stages wait at
+        a barrier before every step (teacher relaying only, for the ablation).
+    queue_depth : int
+        ``pipebd``: activations in flight between two stages (bounds how far stages drift apart).
     """
 
     executor: str = "reference"
@@ -189,6 +197,9 @@ class ExecutionConfig:
     sync_bn: bool = True
     timeout_s: float = 300.0
     threads_per_worker: Optional[int] = None
+    boundaries: Optional[list] = None
+    decoupled: bool = True
+    queue_depth: int = 2
 
 
 @dataclass
@@ -259,7 +270,7 @@ _CHOICES = {
 _POSITIVE = (
     "model.teacher.num_classes", "data.image_size", "data.channels", "data.batch_size",
     "data.num_samples", "distill.epochs", "distill.paths_per_step", "execution.workers",
-    "execution.timeout_s", "distill.lr", "model.student.width_mult",
+    "execution.timeout_s", "distill.lr", "model.student.width_mult", "execution.queue_depth",
 )
 
 

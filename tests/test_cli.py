@@ -54,3 +54,21 @@ def test_cli_errors_exit_2_with_message(tmp_path, caplog):
     assert "unknown key 'data.batchsize'" in caplog.text
     assert main(["train", str(tmp_path / "absent.yaml")]) == 2
     assert "does not exist" in caplog.text
+
+
+def test_train_pipebd_cli_matches_reference(tmp_path):
+    from conftest import tiny_config
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path).to_dict()))
+    a, b = tmp_path / "ref", tmp_path / "pipe"
+    assert main(["train", str(path), "--out", str(a)]) == 0
+    assert main(["train", str(path), "--executor", "pipebd", "--workers", "2", "--boundaries", "0,3",
+                 "--no-decoupled", "--trace", str(tmp_path / "t.json"), "--out", str(b)]) == 0
+    assert_same_blocks(a, b, 5, exact=True)
+    manifest = json.loads((b / "library.json").read_text())
+    assert manifest["config"]["execution"]["boundaries"] == [0, 3]
+    assert manifest["config"]["execution"]["decoupled"] is False
+    assert [r["label"] for r in manifest["ranks"]] == ["stage 0: blocks 0-2", "stage 1: blocks 3-4"]
+    assert (tmp_path / "t.json").is_file()
+    assert main(["train", str(path), "--executor", "pipebd", "--boundaries", "0,x", "--out", str(b)]) == 2

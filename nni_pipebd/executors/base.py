@@ -12,6 +12,7 @@ import torch
 
 from ..config import Config
 from ..job import Job
+from ..report.trace import Tracer
 
 __all__ = ["WorkerContext", "BlockReport", "WorkerReport", "Executor", "register", "get_executor",
            "executor_names"]
@@ -27,6 +28,7 @@ class WorkerContext:
     device: torch.device
     timeout: datetime.timedelta
     group: Any = None
+    tracer: Tracer = field(default_factory=lambda: Tracer(enabled=False))
 
     @property
     def distributed(self) -> bool:
@@ -58,8 +60,13 @@ class WorkerReport:
     """A worker's results: the blocks it owns (and saved) and its counters."""
 
     rank: int
+    label: str = ""
     blocks: Dict[int, BlockReport] = field(default_factory=dict)
     counters: Dict[str, int] = field(default_factory=dict)
+    spans: list = field(default_factory=list)
+    start: float = 0.0
+    end: float = 0.0
+    peak_rss_mb: float = 0.0
 
     def count(self, name: str, value: int) -> None:
         self.counters[name] = self.counters.get(name, 0) + int(value)
@@ -115,4 +122,4 @@ def get_executor(name: str) -> Type[Executor]:
 
 
 def _load_builtin() -> None:
-    from . import dp, reference  # noqa: F401  (registration side effect)
+    from . import dp, ls, pipebd, reference  # noqa: F401  (registration side effect)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Dict, Optional, Tuple
+
 import torch
 
 from ..data.order import shard_sizes
@@ -11,7 +13,46 @@ from .base import BlockReport, Executor, WorkerContext, WorkerReport, register
 from .comm import allreduce_gradients
 from .syncbn import convert_sync_batchnorm
 
-__all__ = ["DataParallelExecutor"]
+__all__ = ["DataParallelExecutor", "train_block_on_prefix"]
+
+
+def train_block_on_prefix(ctx: WorkerContext, job: Job, index: int, report: WorkerReport, rank: int = 0,
+                          world: int = 1, hook=None, group=None) -> Tuple[BlockReport, Dict[str, torch.Tensor]]:
+    """Train block ``index`` for all epochs, re-running teacher blocks 0..index on every batch (shard).
+
+    Returns the block's report and its trained ``state_dict``.
+    """
+    device, tracer = ctx.device, ctx.tracer
+    teacher = [block.to(device) for block in job.spec.teacher[:index + 1]]
+    student = job.spec.student[index].to(device)
+    if group is not None and world > 1 and job.config.execution.sync_bn:
+        student = convert_sync_batchnorm(student, group, device.type)
+    trainer = BlockTrainer(index, student, job.config.distill, job.steps_per_block)
+    block_report = BlockReport()
+    for epoch in range(job.config.distill.epochs):
+        batches = iter(job.loader(epoch, rank, world))
+        while True:
+            with tracer.span("data"):
+                images = next(batches, None)
+            if images is None:
+                break
+            x = images[0].to(device)
+            report.count("samples_loaded", len(x))
+            with tracer.span("teacher"), torch.no_grad():
+                for block in teacher[:-1]:
+                    x = block(x)
+                y = teacher[-1](x)
+            report.count("teacher_block_forwards", len(x) * (index + 1))
+            with tracer.span("student"):
+                loss = trainer.forward_backward(x, y)
+            if hook is not None:
+                with tracer.span("comm"):
+                    loss = hook(trainer.parameters_with_grad(), loss)
+            with tracer.span("student"):
+                trainer.apply(loss)
+            block_report.add(float(loss))
+        block_report.end_epoch()
+    return block_report, trainer.state_dict()
 
 
 @register
@@ -33,32 +74,16 @@ class DataParallelExecutor(Executor):
                              "raise data.batch_size or use fewer workers")
 
     def run_worker(self, ctx: WorkerContext, job: Job, save_block) -> WorkerReport:
-        spec, device, world = job.spec, ctx.device, ctx.world_size
+        world = ctx.world_size
         weight = shard_sizes(job.config.data.batch_size, world)[ctx.rank] / job.config.data.batch_size
-        teacher = [block.to(device) for block in spec.teacher]
-        report = WorkerReport(ctx.rank)
-        for i, student in enumerate(spec.student):
-            student = student.to(device)
-            if world > 1 and job.config.execution.sync_bn:
-                student = convert_sync_batchnorm(student, ctx.group, device.type)
-            trainer = BlockTrainer(i, student, job.config.distill, job.steps_per_block)
-            hook = None
-            if world > 1:
-                def hook(params, loss):
-                    return allreduce_gradients(params, loss, weight, ctx.group)
-            block_report = BlockReport()
-            for epoch in range(job.config.distill.epochs):
-                for images, _ in job.loader(epoch, ctx.rank, world):
-                    x = images.to(device)
-                    report.count("samples_loaded", len(x))
-                    with torch.no_grad():
-                        for block in teacher[:i]:
-                            x = block(x)
-                        y = teacher[i](x)
-                    report.count("teacher_block_forwards", len(x) * (i + 1))
-                    block_report.add(trainer.step(x, y, hook))
-                block_report.end_epoch()
+        hook: Optional[object] = None
+        if world > 1:
+            def hook(params, loss):
+                return allreduce_gradients(params, loss, weight, ctx.group)
+        report = WorkerReport(ctx.rank, label=f"rank {ctx.rank}: 1/{world} of every batch, blocks in turn")
+        for i in range(job.num_blocks):
+            block_report, state = train_block_on_prefix(ctx, job, i, report, ctx.rank, world, hook, ctx.group)
             if ctx.rank == 0:
-                save_block(i, trainer.state_dict())
+                save_block(i, state)
                 report.blocks[i] = block_report
         return report

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -19,6 +20,7 @@ from ..config import Config
 from ..job import build_job
 from ..library import atomic_save, block_path, load_manifest, remove_stale, write_manifest, MANIFEST
 from ..spec.pretrain import prepare_teacher
+from ..report.trace import Tracer, busy_fraction, write_chrome_trace
 from .base import WorkerContext, WorkerReport, get_executor
 
 __all__ = ["train", "WorkerError", "under_torchrun"]
@@ -35,7 +37,8 @@ def under_torchrun() -> bool:
     return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False) -> Optional[Dict[str, Any]]:
+def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
+          trace: Union[str, Path, None] = None) -> Optional[Dict[str, Any]]:
     """Train the block library described by ``config`` into ``out_dir``.
 
     Runs ``config.execution.workers`` workers of ``config.execution.executor``: in this process when one
@@ -50,21 +53,25 @@ def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False)
         Library folder; ``library.json`` is written last, so its presence marks a finished library.
     overwrite : bool
         Replace a library already in ``out_dir`` (else that is an error).
+    trace : str or Path, optional
+        Record every worker's timeline and write it there as a Chrome trace (one row per rank).
     """
     executor_cls = get_executor(config.execution.executor)
     world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else config.execution.workers
     executor_cls(config).check(world)
     out_dir = Path(out_dir)
     rank = int(os.environ.get("RANK", 0)) if under_torchrun() else 0
+    trace = None if trace is None else str(trace)
     if rank == 0:
         _prepare_out_dir(out_dir, overwrite)
         prepare_teacher(config)
     if under_torchrun():
-        _worker(int(os.environ["RANK"]), world, config, str(out_dir), "env://")
+        _worker(int(os.environ["RANK"]), world, config, str(out_dir), "env://", trace)
     elif world == 1 and not executor_cls.needs_process_group:
-        _worker(0, 1, config, str(out_dir), None)
+        _worker(0, 1, config, str(out_dir), None, trace)
     else:
-        _spawn(world, config, out_dir)
+        executor_cls(config).check(world, build_job(config).num_blocks)  # fail here, not in every worker
+        _spawn(world, config, out_dir, trace)
     return load_manifest(out_dir) if rank == 0 else None
 
 
@@ -79,11 +86,11 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _spawn(world: int, config: Config, out_dir: Path) -> None:
+def _spawn(world: int, config: Config, out_dir: Path, trace: Optional[str]) -> None:
     rendezvous = tempfile.mkdtemp(prefix="nni_pipebd_rdzv_")
     try:
         init = f"file://{os.path.join(rendezvous, 'store')}"
-        mp.start_processes(_worker, args=(world, config, str(out_dir), init), nprocs=world, join=True,
+        mp.start_processes(_worker, args=(world, config, str(out_dir), init, trace), nprocs=world, join=True,
                            start_method="spawn")
     except mp.ProcessRaisedException as err:
         raise WorkerError(f"worker rank {err.error_index} of {world} failed:\n{err}") from None
@@ -109,7 +116,8 @@ def _device(config: Config, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Optional[str]) -> None:
+def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Optional[str],
+            trace: Optional[str] = None) -> None:
     """Body of every worker: join the group, build the job, run the executor, gather reports to rank 0."""
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = _device(config, local_rank)
@@ -130,18 +138,25 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
         job = build_job(config)
         executor = get_executor(config.execution.executor)(config)
         executor.check(world, job.num_blocks)
-        ctx = WorkerContext(rank, world, local_rank, device, timeout, group)
+        ctx = WorkerContext(rank, world, local_rank, device, timeout, group, Tracer(enabled=trace is not None))
+        if group is not None:
+            dist.barrier(group=group)  # start the clocks together
 
         def save_block(index: int, state: Dict[str, torch.Tensor]) -> None:
             atomic_save({k: v.detach().cpu() for k, v in state.items()}, block_path(out_dir, index))
 
+        begin = time.time()
         report = executor.run_worker(ctx, job, save_block)
+        report.start, report.end, report.spans = begin, time.time(), ctx.tracer.spans
+        report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         reports: List[WorkerReport] = [report]
         if group is not None:
             gathered: Optional[List[Any]] = [None] * world if rank == 0 else None
             dist.gather_object(report, gathered, dst=0, group=group)
             reports = gathered if rank == 0 else []
         if rank == 0:
+            if trace is not None:
+                write_chrome_trace(trace, {r.rank: r.spans for r in reports}, {r.rank: r.label for r in reports})
             _write_library(out_dir, config, world, job.num_blocks, reports, time.perf_counter() - start, job)
     finally:
         if group is not None:
@@ -176,5 +191,10 @@ def _write_library(out_dir: str, config: Config, world: int, num_blocks: int, re
                      "teacher_block_forwards_per_sample": counters.get("teacher_block_forwards", 0) / samples,
                      "samples_loaded_per_sample": counters.get("samples_loaded", 0) / samples},
         "wall_time_s": wall_s,
+        "train_time_s": max(r.end for r in reports) - min(r.start for r in reports),
+        "ranks": [{"rank": r.rank, "label": r.label, "train_time_s": r.end - r.start,
+                   "peak_rss_mb": r.peak_rss_mb,
+                   "busy_fraction": busy_fraction(r.spans, r.start, r.end) if r.spans else None}
+                  for r in sorted(reports, key=lambda r: r.rank)],
     }
     write_manifest(out_dir, manifest)

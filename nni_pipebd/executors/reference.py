@@ -29,16 +29,22 @@ class ReferenceExecutor(Executor):
         trainers = [BlockTrainer(i, block.to(device), job.config.distill, job.steps_per_block)
                     for i, block in enumerate(spec.student)]
         blocks = [BlockReport() for _ in trainers]
-        report = WorkerReport(ctx.rank)
+        report, tracer = WorkerReport(ctx.rank, label="reference: all blocks"), ctx.tracer
         for epoch in range(job.config.distill.epochs):
-            for images, _ in job.loader(epoch):
-                x = images.to(device)
+            batches = iter(job.loader(epoch))
+            while True:
+                with tracer.span("data"):
+                    images = next(batches, None)
+                if images is None:
+                    break
+                x = images[0].to(device)
                 report.count("samples_loaded", len(x))
                 for i, (block, trainer) in enumerate(zip(teacher, trainers)):
-                    with torch.no_grad():
+                    with tracer.span("teacher"), torch.no_grad():
                         y = block(x)
                     report.count("teacher_block_forwards", len(x))
-                    blocks[i].add(trainer.step(x, y))
+                    with tracer.span("student"):
+                        blocks[i].add(trainer.step(x, y))
                     x = y
             for block_report in blocks:
                 block_report.end_epoch()

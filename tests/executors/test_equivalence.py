@@ -50,3 +50,41 @@ def test_dp_per_device_bn_changes_the_math(tmp_path):
     local, _ = run(tmp_path, "local", execution={"executor": "dp", "workers": 2, "sync_bn": False})
     a, b = load_blocks(sync, 5)[1], load_blocks(local, 5)[1]
     assert any(not torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize("workers,boundaries,decoupled", [
+    (1, None, True),
+    (2, None, True),
+    (2, [0, 4], False),
+    (3, [0, 1, 3], True),
+    (4, None, False),
+    (4, [0, 2, 3, 4], True),
+])
+def test_pipebd_is_bitwise_reference(tmp_path, workers, boundaries, decoupled):
+    execution = {"executor": "pipebd", "workers": workers, "boundaries": boundaries, "decoupled": decoupled,
+                 "queue_depth": 1 if workers == 3 else 2}
+    ref, manifest = run(tmp_path, "ref", distill={"max_steps_per_epoch": 4, "epochs": 2})
+    pipe, pipe_manifest = run(tmp_path, "pipe", distill={"max_steps_per_epoch": 4, "epochs": 2}, execution=execution)
+    assert_same_blocks(ref, pipe, 5, exact=True)
+    assert [b["losses"] for b in pipe_manifest["blocks"]] == [b["losses"] for b in manifest["blocks"]]
+    # teacher relaying: each teacher block runs once per sample; data is loaded once, by stage 0
+    assert pipe_manifest["counters"]["teacher_block_forwards_per_sample"] == 5
+    assert pipe_manifest["counters"]["samples_loaded_per_sample"] == 1
+    assert len(pipe_manifest["ranks"]) == workers
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_pipebd_fixed_student_is_bitwise_reference(tmp_path, workers):
+    student = {"kind": "fixed", "path": "k3e2"}
+    ref, _ = run(tmp_path, "ref", model={"student": student})
+    pipe, _ = run(tmp_path, "pipe", model={"student": student},
+                  execution={"executor": "pipebd", "workers": workers})
+    assert_same_blocks(ref, pipe, 5, exact=True)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_ls_is_bitwise_reference(tmp_path, workers):
+    ref, _ = run(tmp_path, "ref", distill={"paths_per_step": 2})
+    ls, manifest = run(tmp_path, "ls", distill={"paths_per_step": 2}, execution={"executor": "ls", "workers": workers})
+    assert_same_blocks(ref, ls, 5, exact=True)
+    assert manifest["counters"]["teacher_block_forwards_per_sample"] == 15

@@ -6,7 +6,7 @@ from nni_pipebd.executors.launch import train
 
 
 def test_unknown_executor_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown executor 'gpipe'; valid: \['dp', 'reference'\]"):
+    with pytest.raises(ValueError, match=r"unknown executor 'gpipe'; valid: \['dp', 'ls', 'pipebd', 'reference'\]"):
         get_executor("gpipe")
     assert {"reference", "dp"} <= set(executor_names())
 
@@ -53,3 +53,17 @@ def test_dp_under_torchrun_matches_spawn(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_blocks(tmp_path / "spawned", tmp_path / "torchrun", 5, exact=True)
+
+
+def test_pipebd_and_ls_refuse_more_workers_than_blocks(tmp_path):
+    for name in ("pipebd", "ls"):
+        config = tiny_config(tmp_path, execution={"executor": name, "workers": 6})
+        with pytest.raises(ValueError, match=f"{name} .*6 workers > 5 blocks"):
+            train(config, tmp_path / name)
+        assert not (tmp_path / name / "library.json").exists()
+
+
+def test_pipebd_bad_boundaries_named(tmp_path):
+    config = tiny_config(tmp_path, execution={"executor": "pipebd", "workers": 2, "boundaries": [0, 7]})
+    with pytest.raises(ValueError, match=r"boundaries \[0, 7\] must start at 0.*below the 5 blocks"):
+        train(config, tmp_path / "out")

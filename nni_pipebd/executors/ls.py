@@ -1,0 +1,47 @@
+"""The ``ls`` executor: block-level task parallelism (Blakeney et al.) — each worker trains whole blocks alone."""
+
+from __future__ import annotations
+
+from itertools import accumulate
+from typing import List
+
+from ..job import Job
+from ..plan.cost import estimate_block_costs, teacher_costs
+from ..plan.partition import greedy_assignment
+from .base import Executor, WorkerContext, WorkerReport, register
+from .dp import train_block_on_prefix
+
+__all__ = ["TaskParallelExecutor", "block_assignment"]
+
+
+def block_assignment(job: Job, workers: int) -> List[List[int]]:
+    """Blocks of every worker: greedy bin packing on estimated cost, each block paying its teacher prefix."""
+    spec = job.spec
+    costs = estimate_block_costs(spec.teacher, spec.student, spec.shapes)
+    prefixes = [0.0] + list(accumulate(teacher_costs(spec.teacher, spec.shapes)))[:-1]
+    return greedy_assignment([p + c for p, c in zip(prefixes, costs)], workers)
+
+
+@register
+class TaskParallelExecutor(Executor):
+    """Every worker trains its own blocks one after another on whole batches, re-running the teacher prefix
+    0..i for each block i; no communication until the end. Bitwise equal to ``reference`` (no batch is split),
+    but each sample is loaded once per block and the teacher prefix runs once per block.
+    """
+
+    name = "ls"
+    needs_process_group = True
+
+    def check(self, world_size, num_blocks=None):
+        if num_blocks is not None and world_size > num_blocks:
+            raise ValueError(f"ls gives every worker at least one whole block: {world_size} workers > "
+                             f"{num_blocks} blocks; use at most {num_blocks} workers")
+
+    def run_worker(self, ctx: WorkerContext, job: Job, save_block) -> WorkerReport:
+        mine = block_assignment(job, ctx.world_size)[ctx.rank]
+        report = WorkerReport(ctx.rank, label=f"rank {ctx.rank}: blocks {mine}")
+        for i in mine:
+            block_report, state = train_block_on_prefix(ctx, job, i, report)
+            save_block(i, state)
+            report.blocks[i] = block_report
+        return report

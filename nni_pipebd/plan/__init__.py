@@ -1,0 +1,1 @@
+"""Work assignment as plain data: block costs, stage boundaries, block-to-worker assignment."""

@@ -1,0 +1,63 @@
+"""Estimated per-block cost (multiply-accumulates) — deterministic, so every process derives the same plan."""
+
+from __future__ import annotations
+
+import copy
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["forward_macs", "estimate_block_costs", "teacher_costs", "STUDENT_STEP_FACTOR"]
+
+STUDENT_STEP_FACTOR = 3.0
+"""Forward + backward of a student block is about three forwards."""
+
+
+@torch.no_grad()
+def forward_macs(module: nn.Module, shape_in: Tuple[int, ...]) -> int:
+    """Multiply-accumulates of convolutions and linear layers in one forward of one sample."""
+    total = 0
+
+    def conv(m: nn.Conv2d, _, out: torch.Tensor) -> None:
+        nonlocal total
+        total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear(m: nn.Linear, _, out: torch.Tensor) -> None:
+        nonlocal total
+        total += out.numel() * m.in_features
+
+    hooks = [m.register_forward_hook(conv) for m in module.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_hook(linear) for m in module.modules() if isinstance(m, nn.Linear)]
+    try:
+        module(torch.zeros((1,) + tuple(shape_in)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def estimate_block_costs(teacher: Sequence[nn.Module], student: Sequence[nn.Module],
+                         shapes: Sequence[Tuple[Tuple[int, ...], Tuple[int, ...]]]) -> List[float]:
+    """Per block: teacher forward MACs + ``STUDENT_STEP_FACTOR`` x student forward MACs (mean over candidates)."""
+    costs = []
+    for t, s, (shape_in, _) in zip(teacher, student, shapes):
+        probe = copy.deepcopy(s).eval()
+        choices = getattr(probe, "choices", {})
+        if choices:
+            width = max(len(names) for names in choices.values())
+            student_macs = 0.0
+            for position in range(width):
+                probe.set_path({label: names[position % len(names)] for label, names in choices.items()})
+                student_macs += forward_macs(probe, shape_in)
+            student_macs /= width
+        else:
+            student_macs = forward_macs(probe, shape_in)
+        costs.append(forward_macs(t, shape_in) + STUDENT_STEP_FACTOR * student_macs)
+    return costs
+
+
+def teacher_costs(teacher: Sequence[nn.Module], shapes: Sequence[Tuple[Tuple[int, ...], Tuple[int, ...]]]
+                  ) -> List[float]:
+    """Forward MACs of every teacher block."""
+    return [float(forward_macs(t, shape_in)) for t, (shape_in, _) in zip(teacher, shapes)]

@@ -1,0 +1,1 @@
+"""Reporting: the per-rank timeline (Chrome trace)."""
