@@ -188,6 +188,9 @@ class ExecutionConfig:
         a barrier before every step (teacher relaying only, for the ablation).
     queue_depth : int
         ``pipebd``: activations in flight between two stages (bounds how far stages drift apart).
+    block_costs : list of [float, float], optional
+        Per block, the cost of its teacher forward and of its student step (e.g. measured seconds), used to
+        balance ``pipebd`` stages and ``ls`` assignments; default: estimated from multiply-accumulates.
     """
 
     executor: str = "reference"
@@ -200,6 +203,7 @@ class ExecutionConfig:
     boundaries: Optional[list] = None
     decoupled: bool = True
     queue_depth: int = 2
+    block_costs: Optional[list] = None
 
 
 @dataclass

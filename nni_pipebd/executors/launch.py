@@ -148,7 +148,7 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
         begin = time.time()
         report = executor.run_worker(ctx, job, save_block)
         report.start, report.end, report.spans = begin, time.time(), ctx.tracer.spans
-        report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        report.peak_rss_mb = peak_rss_mb()
         reports: List[WorkerReport] = [report]
         if group is not None:
             gathered: Optional[List[Any]] = [None] * world if rank == 0 else None
@@ -162,6 +162,18 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
         if group is not None:
             dist.destroy_process_group()
         torch.set_num_threads(previous_threads)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _write_library(out_dir: str, config: Config, world: int, num_blocks: int, reports: List[WorkerReport],
@@ -182,6 +194,7 @@ def _write_library(out_dir: str, config: Config, world: int, num_blocks: int, re
         "workers": world,
         "num_blocks": num_blocks,
         "config": config.to_dict(),
+        "base_dir": str(Path(config.base_dir).resolve()),
         "blocks": [
             {"index": i, "file": block_path(".", i).name, "choices": getattr(job.spec.student[i], "choices", {}),
              "losses": blocks[i].losses, "steps": blocks[i].steps}

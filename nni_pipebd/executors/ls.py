@@ -6,7 +6,7 @@ from itertools import accumulate
 from typing import List
 
 from ..job import Job
-from ..plan.cost import estimate_block_costs, teacher_costs
+from ..plan.cost import job_block_costs
 from ..plan.partition import greedy_assignment
 from .base import Executor, WorkerContext, WorkerReport, register
 from .dp import train_block_on_prefix
@@ -15,11 +15,10 @@ __all__ = ["TaskParallelExecutor", "block_assignment"]
 
 
 def block_assignment(job: Job, workers: int) -> List[List[int]]:
-    """Blocks of every worker: greedy bin packing on estimated cost, each block paying its teacher prefix."""
-    spec = job.spec
-    costs = estimate_block_costs(spec.teacher, spec.student, spec.shapes)
-    prefixes = [0.0] + list(accumulate(teacher_costs(spec.teacher, spec.shapes)))[:-1]
-    return greedy_assignment([p + c for p, c in zip(prefixes, costs)], workers)
+    """Blocks of every worker: greedy bin packing on block cost, each block paying its teacher prefix."""
+    costs = job_block_costs(job)
+    prefixes = [0.0] + list(accumulate(t for t, _ in costs))[:-1]
+    return greedy_assignment([p + t + s for p, (t, s) in zip(prefixes, costs)], workers)
 
 
 @register

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from ..distill.trainer import BlockTrainer
 from ..job import Job
-from ..plan.cost import estimate_block_costs
+from ..plan.cost import job_block_costs
 from ..plan.partition import balanced_boundaries, check_boundaries, stage_blocks
 from .base import BlockReport, Executor, WorkerContext, WorkerReport, register
 from .comm import Receiver, Sender
@@ -21,12 +21,11 @@ _logger = logging.getLogger(__name__)
 
 
 def stage_boundaries(job: Job, stages: int) -> List[int]:
-    """First block of each stage: ``execution.boundaries`` if given, else balanced by estimated block cost."""
+    """First block of each stage: ``execution.boundaries`` if given, else balanced on block cost."""
     given = job.config.execution.boundaries
     if given is not None:
         return check_boundaries(given, job.num_blocks, stages)
-    spec = job.spec
-    return balanced_boundaries(estimate_block_costs(spec.teacher, spec.student, spec.shapes), stages)
+    return balanced_boundaries([t + s for t, s in job_block_costs(job)], stages)
 
 
 @register

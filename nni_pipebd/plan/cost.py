@@ -8,7 +8,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
-__all__ = ["forward_macs", "estimate_block_costs", "teacher_costs", "STUDENT_STEP_FACTOR"]
+__all__ = ["forward_macs", "estimate_block_costs", "job_block_costs", "STUDENT_STEP_FACTOR"]
 
 STUDENT_STEP_FACTOR = 3.0
 """Forward + backward of a student block is about three forwards."""
@@ -38,8 +38,8 @@ def forward_macs(module: nn.Module, shape_in: Tuple[int, ...]) -> int:
 
 
 def estimate_block_costs(teacher: Sequence[nn.Module], student: Sequence[nn.Module],
-                         shapes: Sequence[Tuple[Tuple[int, ...], Tuple[int, ...]]]) -> List[float]:
-    """Per block: teacher forward MACs + ``STUDENT_STEP_FACTOR`` x student forward MACs (mean over candidates)."""
+                         shapes: Sequence[Tuple[Tuple[int, ...], Tuple[int, ...]]]) -> List[Tuple[float, float]]:
+    """Per block: (teacher forward MACs, ``STUDENT_STEP_FACTOR`` x student forward MACs averaged over candidates)."""
     costs = []
     for t, s, (shape_in, _) in zip(teacher, student, shapes):
         probe = copy.deepcopy(s).eval()
@@ -53,11 +53,17 @@ def estimate_block_costs(teacher: Sequence[nn.Module], student: Sequence[nn.Modu
             student_macs /= width
         else:
             student_macs = forward_macs(probe, shape_in)
-        costs.append(forward_macs(t, shape_in) + STUDENT_STEP_FACTOR * student_macs)
+        costs.append((float(forward_macs(t, shape_in)), STUDENT_STEP_FACTOR * student_macs))
     return costs
 
 
-def teacher_costs(teacher: Sequence[nn.Module], shapes: Sequence[Tuple[Tuple[int, ...], Tuple[int, ...]]]
-                  ) -> List[float]:
-    """Forward MACs of every teacher block."""
-    return [float(forward_macs(t, shape_in)) for t, (shape_in, _) in zip(teacher, shapes)]
+def job_block_costs(job) -> List[Tuple[float, float]]:
+    """(teacher, student) cost per block: ``execution.block_costs`` (e.g. measured) if given, else MAC estimates."""
+    given = job.config.execution.block_costs
+    if given is None:
+        spec = job.spec
+        return estimate_block_costs(spec.teacher, spec.student, spec.shapes)
+    if len(given) != job.num_blocks or any(not isinstance(c, (list, tuple)) or len(c) != 2 for c in given):
+        raise ValueError(f"execution.block_costs must hold one [teacher, student] pair per block "
+                         f"({job.num_blocks} blocks), got {given!r}")
+    return [(float(t), float(s)) for t, s in given]
