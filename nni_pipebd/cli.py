@@ -34,6 +34,10 @@ def _train(args: argparse.Namespace) -> int:
         execution["boundaries"] = _int_list(args.boundaries, "--boundaries")
     if args.no_decoupled:
         execution["decoupled"] = False
+    if args.plan is not None:
+        execution["plan"] = args.plan if args.plan == "auto" else str(Path(args.plan).resolve())
+    if args.memory_limit is not None:
+        execution["memory_limit_mb"] = args.memory_limit
     config = config.replace(execution=execution, distill=distill)
     out = Path(args.out or f"runs/{Path(args.config).stem}-{config.execution.executor}")
     manifest = train(config, out, overwrite=args.overwrite, trace=args.trace)
@@ -46,6 +50,97 @@ def _train(args: argparse.Namespace) -> int:
         print(json.dumps({"out": str(out), **{k: manifest[k] for k in ("executor", "workers", "num_blocks",
                                                                         "counters", "wall_time_s")}}, indent=2))
     return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .executors.autoplan import get_profile
+
+    config = load_config(args.config)
+    workers = args.workers or config.execution.workers
+    profile = get_profile(config, workers, args.out)
+    rows = ["block  " + "  ".join(f"g={g}: teacher/student ms, MB" for g in sorted(profile.blocks[0].teacher_s))]
+    for i, block in enumerate(profile.blocks):
+        cells = "  ".join(f"{1e3 * block.teacher_s[g]:7.2f}/{1e3 * block.student_s[g]:7.2f}, {block.memory_mb[g]:6.1f}"
+                          for g in sorted(block.teacher_s))
+        rows.append(f"{i:<5}  {cells}")
+    print("\n".join(rows))
+    print(f"p2p: {profile.p2p.latency_s * 1e6:.0f} us + {profile.p2p.s_per_byte * 1e9:.3f} ns/byte; all-reduce: "
+          + ", ".join(f"g={g}: {m.latency_s * 1e6:.0f} us + {m.s_per_byte * 1e9:.3f} ns/byte"
+                      for g, m in sorted(profile.allreduce.items())))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .executors.autoplan import auto_plan
+
+    config = load_config(args.config)
+    if args.memory_limit is not None:
+        config = config.replace(execution={"memory_limit_mb": args.memory_limit})
+    plan, profile = auto_plan(config, args.workers, args.profile)
+    if args.out:
+        plan.save(args.out)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(plan.grid(len(profile.blocks)))
+        print(f"predicted step: {1e3 * plan.predicted['step_s']:.1f} ms (slowest stage)")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .search.finetune import FinetuneSettings
+    from .search.ranking import RankingSettings
+    from .search.runner import search_library
+
+    _set_threads(args.threads)
+    ranking = RankingSettings(max_paths=args.max_paths, val_batches=args.val_batches,
+                              calib_batches=args.calib_batches, seed=args.seed, latency_runs=args.latency_runs)
+    result = search_library(args.library, args.method, args.budget, top_k=args.top_k, ranking=ranking,
+                            normalize=args.normalize, predictor_archs=args.predictor_archs,
+                            finetune_settings=FinetuneSettings(epochs=args.epochs, seed=args.seed),
+                            seed=args.seed, device=args.device, out=args.out)
+    for arch in result["architectures"]:
+        quality = (f"score {arch['score']:.4f}" if "score" in arch
+                   else f"predicted accuracy {arch['predicted_accuracy']:.4f}")
+        _logger.info("#%d %s, cost %s: %s", arch["rank"], quality, arch["cost"], arch["sample"])
+    if args.out:
+        _logger.info("%d architectures written to %s", len(result["architectures"]), args.out)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .search.finetune import FinetuneSettings, architecture_id, finetune, load_architecture
+    from .search.loaded import open_library
+
+    _set_threads(args.threads)
+    library = open_library(args.library)
+    if args.arch is None and library.choices:
+        raise ValueError(f"{args.library} is a supernet library ({len(library.choices)} layer choices): give "
+                         "--arch ARCH.json (an NNI sample dict or the output of `nni-pipebd search --out`)")
+    sample = {} if args.arch is None else load_architecture(args.arch)
+    settings = FinetuneSettings(epochs=args.epochs, mode=args.mode, lr=args.lr, init=args.init,
+                                max_steps_per_epoch=args.max_steps, seed=args.seed)
+    out = args.out or str(Path(args.library) / f"finetune_{architecture_id(sample)}.json")
+    result = finetune(library, sample, settings, out=out, save_model=args.save_model, device=args.device)
+    _logger.info("val accuracy %.4f (teacher %.4f), %d params (teacher %d); result written to %s",
+                 result["student"]["val_accuracy"], result["teacher"]["val_accuracy"],
+                 result["student"]["params"], result["teacher"]["params"], out)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads {threads} must be >= 1")
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _int_list(text: str, flag: str) -> List[int]:
@@ -73,9 +168,26 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--boundaries", help="pipebd: first block of every stage, e.g. 0,2,4")
     train.add_argument("--no-decoupled", action="store_true",
                        help="pipebd: barrier across stages before every step (teacher relaying only)")
+    train.add_argument("--plan", help="pipebd: 'auto' (profile + solve, hybrid stages) or a plan JSON file")
+    train.add_argument("--memory-limit", type=float, help="pipebd --plan auto: MB per device")
     train.add_argument("--trace", help="write the per-rank timeline to this Chrome-trace JSON file")
     train.add_argument("--json", action="store_true", help="print a JSON summary")
     train.set_defaults(func=_train)
+
+    profile = commands.add_parser("profile", help="measure per-block time and memory per devices-per-stage")
+    profile.add_argument("config")
+    profile.add_argument("--workers", type=int, help="largest devices per stage to profile (default: execution.workers)")
+    profile.add_argument("--out", help="profile JSON (default: the cache, $NNI_PIPEBD_CACHE or ~/.cache/nni_pipebd)")
+    profile.set_defaults(func=_profile)
+
+    plan = commands.add_parser("plan", help="solve for pipeline stages and devices per stage (Pipe-BD AHD)")
+    plan.add_argument("config")
+    plan.add_argument("--workers", type=int, required=True)
+    plan.add_argument("--memory-limit", type=float, help="MB per device")
+    plan.add_argument("--profile", help="profile JSON to use or write (default: the cache)")
+    plan.add_argument("--out", help="write the plan JSON here (for train --plan FILE)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=_plan)
     return parser
 
 

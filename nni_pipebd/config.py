@@ -188,6 +188,11 @@ class ExecutionConfig:
         a barrier before every step (teacher relaying only, for the ablation).
     queue_depth : int
         ``pipebd``: activations in flight between two stages (bounds how far stages drift apart).
+    plan : str, optional
+        ``pipebd``: ``auto`` (profile, then solve for stages and devices per stage) or the path of a plan JSON
+        file (``nni-pipebd plan``); replaces ``boundaries``.
+    memory_limit_mb : float, optional
+        ``pipebd`` with ``plan: auto``: per-device memory limit the solver must respect.
     block_costs : list of [float, float], optional
         Per block, the cost of its teacher forward and of its student step (e.g. measured seconds), used to
         balance ``pipebd`` stages and ``ls`` assignments; default: estimated from multiply-accumulates.
@@ -203,6 +208,8 @@ class ExecutionConfig:
     boundaries: Optional[list] = None
     decoupled: bool = True
     queue_depth: int = 2
+    plan: Optional[str] = None
+    memory_limit_mb: Optional[float] = None
     block_costs: Optional[list] = None
 
 
@@ -292,6 +299,11 @@ def validate(config: Config) -> None:
         value = _get(config, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key} = {value!r} must be > 0 (or null)")
+    if config.execution.plan is not None and config.execution.boundaries is not None:
+        raise ConfigError(f"execution.plan = {config.execution.plan!r} and execution.boundaries = "
+                          f"{config.execution.boundaries!r} both set; a plan fixes the stages, give one of them")
+    if config.execution.memory_limit_mb is not None and config.execution.memory_limit_mb <= 0:
+        raise ConfigError(f"execution.memory_limit_mb = {config.execution.memory_limit_mb} must be > 0")
     if config.data.num_workers < 0:
         raise ConfigError(f"data.num_workers = {config.data.num_workers} must be >= 0")
     student = config.model.student

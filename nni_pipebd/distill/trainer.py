@@ -62,10 +62,16 @@ class BlockTrainer:
         self.steps = 0
         self.last_paths: List[Dict[str, str]] = []
 
-    def forward_backward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Gradients of the block loss on (x, target), averaged over the sampled paths; returns the loss (detached)."""
+    def forward_backward(self, x: torch.Tensor, target: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Gradients of ``scale`` x the block loss on (x, target), averaged over the sampled paths.
+
+        A data-parallel rank holding n of the batch's B samples passes ``scale = n / B``: its gradients are
+        then its exact share of the whole batch's (BatchNorm synchronisation included) and sum over the
+        group. Returns the scaled loss (detached).
+        """
         self.optimizer.zero_grad(set_to_none=True)
         k = self.config.paths_per_step
+        factor = scale / k
         total = torch.zeros((), device=x.device)
         self.last_paths = []
         for _ in range(k):
@@ -74,9 +80,9 @@ class BlockTrainer:
                 self.student.set_path(path)
             self.last_paths.append(path)
             loss = self.loss_fn(self.student(x), target)
-            (loss / k if k > 1 else loss).backward()
+            (loss * factor if factor != 1.0 else loss).backward()
             total = total + loss.detach()
-        return total / k if k > 1 else total
+        return total * factor if factor != 1.0 else total
 
     def parameters_with_grad(self) -> List[torch.Tensor]:
         """Parameters that received a gradient in the last :meth:`forward_backward` (the sampled path's)."""
@@ -91,9 +97,10 @@ class BlockTrainer:
         self.scheduler.step()
         self.steps += 1
 
-    def step(self, x: torch.Tensor, target: torch.Tensor, grad_hook: Optional[GradHook] = None) -> float:
+    def step(self, x: torch.Tensor, target: torch.Tensor, grad_hook: Optional[GradHook] = None,
+             scale: float = 1.0) -> float:
         """One whole step; ``grad_hook(params, loss)`` may reduce gradients and returns the loss to report."""
-        loss = self.forward_backward(x, target)
+        loss = self.forward_backward(x, target, scale)
         if grad_hook is not None:
             loss = grad_hook(self.parameters_with_grad(), loss)
         self.apply(loss)

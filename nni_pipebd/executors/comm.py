@@ -12,15 +12,15 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 __all__ = ["allreduce_gradients", "Sender", "Receiver"]
 
 
-def allreduce_gradients(params: List[torch.Tensor], loss: torch.Tensor, weight: float, group=None) -> torch.Tensor:
-    """Sum ``weight * grad`` (and ``weight * loss``) over ``group`` in one flat all-reduce.
+def allreduce_gradients(params: List[torch.Tensor], loss: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum the gradients (and the loss) over ``group`` in one flat all-reduce.
 
-    With ``weight`` = local samples / global batch, every rank ends with the gradient and loss of the whole
-    batch (losses are per-sample means). All ranks must pass the same parameters (the same sampled path).
-    Returns the reduced loss.
+    Each rank's gradients and loss must already be its share of the whole batch (the loss scaled by local
+    samples / batch before backward, see ``BlockTrainer.forward_backward``), so the sums are the whole
+    batch's. All ranks must pass the same parameters (the same sampled path). Returns the reduced loss.
     """
     tensors = [p.grad for p in params] + [loss.detach().reshape(1)]
-    flat = _flatten_dense_tensors(tensors).mul_(weight)
+    flat = _flatten_dense_tensors(tensors)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     reduced = _unflatten_dense_tensors(flat, tensors)
     for p, grad in zip(params, reduced[:-1]):
@@ -29,21 +29,23 @@ def allreduce_gradients(params: List[torch.Tensor], loss: torch.Tensor, weight: 
 
 
 class Sender:
-    """Asynchronous sends of one activation per step to rank ``dst``, at most ``depth`` in flight.
+    """Asynchronous sends of one activation per step, cut into row ranges for one or more next-stage ranks.
 
-    A sent tensor is kept alive until its send completes; when ``depth`` sends are pending, the oldest is
-    waited for first (with ``timeout``), which bounds how far this stage runs ahead of the next.
+    ``routes`` lists (destination rank, lo, hi) in local rows. A sent tensor is kept alive until its sends
+    complete; when ``depth`` steps are pending, the oldest is waited for first (with ``timeout``), which bounds
+    how far this stage runs ahead of the next.
     """
 
-    def __init__(self, dst: int, depth: int, timeout, group=None):
-        self.dst, self.depth, self.timeout, self.group = dst, depth, timeout, group
-        self._pending: Deque[Tuple[torch.Tensor, Any]] = deque()
+    def __init__(self, routes: Sequence[Tuple[int, int, int]], depth: int, timeout, group=None):
+        self.routes, self.depth, self.timeout, self.group = list(routes), depth, timeout, group
+        self._pending: Deque[Tuple[torch.Tensor, List[Any]]] = deque()
 
     def send(self, tensor: torch.Tensor) -> None:
         while len(self._pending) >= self.depth:
             self._wait_oldest()
         tensor = tensor.contiguous()
-        self._pending.append((tensor, dist.isend(tensor, self.dst, group=self.group)))
+        works = [dist.isend(tensor[lo:hi], dst, group=self.group) for dst, lo, hi in self.routes]
+        self._pending.append((tensor, works))
 
     def flush(self) -> None:
         """Wait for every pending send."""
@@ -51,23 +53,24 @@ class Sender:
             self._wait_oldest()
 
     def _wait_oldest(self) -> None:
-        _, work = self._pending.popleft()
-        _wait(work, self.timeout, f"send to rank {self.dst}")
+        _, works = self._pending.popleft()
+        for (dst, _, _), work in zip(self.routes, works):
+            _wait(work, self.timeout, f"send to rank {dst}")
 
 
 class Receiver:
-    """Receives one activation per step from rank ``src`` into preallocated buffers, posted ahead.
+    """Receives one activation per step, assembled from row ranges sent by previous-stage ranks.
 
-    ``depth`` receives are posted in advance (shape and dtype agreed at setup). The tensor returned by
-    :meth:`recv` stays valid until the next call; ``total`` is the number of steps to receive, so no
-    receive is left posted at the end.
+    ``routes`` lists (source rank, lo, hi) in local rows of a buffer of ``shape``. Receives for ``depth``
+    steps are posted ahead into preallocated buffers (shapes agreed at setup); the tensor returned by
+    :meth:`recv` stays valid until the next call. ``total`` is the number of steps, so nothing is left posted.
     """
 
-    def __init__(self, src: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device, depth: int,
-                 total: int, timeout, group=None):
-        self.src, self.timeout, self.group = src, timeout, group
+    def __init__(self, routes: Sequence[Tuple[int, int, int]], shape: Sequence[int], dtype: torch.dtype,
+                 device: torch.device, depth: int, total: int, timeout, group=None):
+        self.routes, self.timeout, self.group = list(routes), timeout, group
         self._free = [torch.empty(tuple(shape), dtype=dtype, device=device) for _ in range(depth + 1)]
-        self._pending: Deque[Tuple[torch.Tensor, Any]] = deque()
+        self._pending: Deque[Tuple[torch.Tensor, List[Any]]] = deque()
         self._to_post = total
         self._lent: Optional[torch.Tensor] = None
         for _ in range(depth):
@@ -76,7 +79,8 @@ class Receiver:
     def _post(self) -> None:
         if self._to_post > 0 and self._free:
             buffer = self._free.pop()
-            self._pending.append((buffer, dist.irecv(buffer, self.src, group=self.group)))
+            works = [dist.irecv(buffer[lo:hi], src, group=self.group) for src, lo, hi in self.routes]
+            self._pending.append((buffer, works))
             self._to_post -= 1
 
     def recv(self) -> torch.Tensor:
@@ -86,9 +90,11 @@ class Receiver:
             self._lent = None
         self._post()
         if not self._pending:
-            raise RuntimeError(f"receive from rank {self.src}: all expected activations were already received")
-        buffer, work = self._pending.popleft()
-        _wait(work, self.timeout, f"receive from rank {self.src}")
+            raise RuntimeError(f"receive from ranks {[src for src, _, _ in self.routes]}: all expected "
+                               "activations were already received")
+        buffer, works = self._pending.popleft()
+        for (src, _, _), work in zip(self.routes, works):
+            _wait(work, self.timeout, f"receive from rank {src}")
         self._lent = buffer
         return buffer
 

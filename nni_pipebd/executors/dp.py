@@ -17,7 +17,8 @@ __all__ = ["DataParallelExecutor", "train_block_on_prefix"]
 
 
 def train_block_on_prefix(ctx: WorkerContext, job: Job, index: int, report: WorkerReport, rank: int = 0,
-                          world: int = 1, hook=None, group=None) -> Tuple[BlockReport, Dict[str, torch.Tensor]]:
+                          world: int = 1, hook=None, group=None, scale: float = 1.0
+                          ) -> Tuple[BlockReport, Dict[str, torch.Tensor]]:
     """Train block ``index`` for all epochs, re-running teacher blocks 0..index on every batch (shard).
 
     Returns the block's report and its trained ``state_dict``.
@@ -44,7 +45,7 @@ def train_block_on_prefix(ctx: WorkerContext, job: Job, index: int, report: Work
                 y = teacher[-1](x)
             report.count("teacher_block_forwards", len(x) * (index + 1))
             with tracer.span("student"):
-                loss = trainer.forward_backward(x, y)
+                loss = trainer.forward_backward(x, y, scale)
             if hook is not None:
                 with tracer.span("comm"):
                     loss = hook(trainer.parameters_with_grad(), loss)
@@ -79,10 +80,11 @@ class DataParallelExecutor(Executor):
         hook: Optional[object] = None
         if world > 1:
             def hook(params, loss):
-                return allreduce_gradients(params, loss, weight, ctx.group)
+                return allreduce_gradients(params, loss, ctx.group)
         report = WorkerReport(ctx.rank, label=f"rank {ctx.rank}: 1/{world} of every batch, blocks in turn")
         for i in range(job.num_blocks):
-            block_report, state = train_block_on_prefix(ctx, job, i, report, ctx.rank, world, hook, ctx.group)
+            block_report, state = train_block_on_prefix(ctx, job, i, report, ctx.rank, world, hook, ctx.group,
+                                                        weight)
             if ctx.rank == 0:
                 save_block(i, state)
                 report.blocks[i] = block_report

@@ -65,6 +65,13 @@ def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
     if rank == 0:
         _prepare_out_dir(out_dir, overwrite)
         prepare_teacher(config)
+    if config.execution.plan == "auto" and not under_torchrun():
+        from .autoplan import auto_plan
+
+        plan, _ = auto_plan(config, world)
+        path = plan.save(out_dir / "plan.json")
+        _logger.info("automatic hybrid distribution for %d workers (saved to %s):\n%s", world, path, plan.grid())
+        config = config.replace(execution={"plan": str(path.resolve())})
     if under_torchrun():
         _worker(int(os.environ["RANK"]), world, config, str(out_dir), "env://", trace)
     elif world == 1 and not executor_cls.needs_process_group:

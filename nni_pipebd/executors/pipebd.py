@@ -1,4 +1,4 @@
-"""The ``pipebd`` executor: teacher relaying across stages, with decoupled parameter updates (Pipe-BD)."""
+"""The ``pipebd`` executor: teacher relaying across stages, decoupled updates, hybrid (data-parallel) stages."""
 
 from __future__ import annotations
 
@@ -8,72 +8,108 @@ from typing import List
 import torch
 import torch.distributed as dist
 
+from ..data.order import shard_sizes
 from ..distill.trainer import BlockTrainer
 from ..job import Job
 from ..plan.cost import job_block_costs
-from ..plan.partition import balanced_boundaries, check_boundaries, stage_blocks
+from ..plan.partition import balanced_boundaries, check_boundaries
+from ..plan.plan import Plan, PlanError, transfers
 from .base import BlockReport, Executor, WorkerContext, WorkerReport, register
-from .comm import Receiver, Sender
+from .comm import Receiver, Sender, allreduce_gradients
+from .syncbn import convert_sync_batchnorm
 
-__all__ = ["PipeBDExecutor", "stage_boundaries"]
+__all__ = ["PipeBDExecutor", "resolve_plan"]
 
 _logger = logging.getLogger(__name__)
 
 
-def stage_boundaries(job: Job, stages: int) -> List[int]:
-    """First block of each stage: ``execution.boundaries`` if given, else balanced on block cost."""
-    given = job.config.execution.boundaries
-    if given is not None:
-        return check_boundaries(given, job.num_blocks, stages)
-    return balanced_boundaries([t + s for t, s in job_block_costs(job)], stages)
+def resolve_plan(job: Job, workers: int) -> Plan:
+    """The plan to run: ``execution.plan`` (a file), ``execution.boundaries``, or stages balanced on block cost."""
+    execution, n, batch = job.config.execution, job.num_blocks, job.config.data.batch_size
+    if execution.plan == "auto":
+        raise PlanError("execution.plan = 'auto' must be resolved to a plan file before the workers start "
+                        "(nni_pipebd.train does it; under torchrun run `nni-pipebd plan CONFIG --workers W "
+                        "--out plan.json` first and pass --plan plan.json)")
+    if execution.plan is not None:
+        return Plan.load(job.config.resolve_path(execution.plan)).validate(n, workers, batch)
+    if execution.boundaries is not None:
+        return Plan.from_boundaries(check_boundaries(execution.boundaries, n, workers), n)
+    if workers > n:
+        raise PlanError(f"pipebd gives every worker a stage of at least one block: {workers} workers > {n} "
+                        f"blocks; use at most {n} workers, or a plan with data-parallel stages (--plan auto)")
+    return Plan.from_boundaries(balanced_boundaries([t + s for t, s in job_block_costs(job)], workers), n)
 
 
 @register
 class PipeBDExecutor(Executor):
-    """Each worker is a stage owning a contiguous range of blocks.
+    """Each stage owns a contiguous range of blocks and is served by one or more workers (ranks in plan order).
 
-    Per step, stage 0 loads the batch; every stage receives the activation entering its first block (from the
-    previous stage), runs its teacher blocks once under ``no_grad``, sends the activation leaving its last
-    block on (asynchronously, ``execution.queue_depth`` in flight), and trains its student blocks on the
-    activations it holds. With ``execution.decoupled`` (DPU) a stage steps its optimizers as soon as its
-    backward ends; without, every stage waits at a global barrier before each step (TR only).
-    Every sample passes each teacher block once and is loaded once.
+    Per step, stage 0 loads the batch (each of its devices its own slice); every other stage receives the
+    activation entering its first block — each device its slice of rows, assembled from the previous stage's
+    devices — runs its teacher blocks once under ``no_grad``, sends the activation leaving its last block on
+    (asynchronously, ``execution.queue_depth`` steps in flight), and trains its student blocks on the
+    activations it holds. Inside a multi-device stage the student gradients are all-reduced (weighted by
+    slice size) and BatchNorm is synchronised (``execution.sync_bn``), so the math is the whole batch's.
+    With ``execution.decoupled`` (DPU) a stage steps as soon as its backward ends; without, every worker waits
+    at a global barrier before each step (teacher relaying only). Every sample passes each teacher block once
+    and is loaded once.
     """
 
     name = "pipebd"
     needs_process_group = True
 
     def check(self, world_size, num_blocks=None):
-        if num_blocks is not None and world_size > num_blocks:
+        execution = self.config.execution
+        if num_blocks is None:
+            return
+        if execution.boundaries is not None:
+            check_boundaries(execution.boundaries, num_blocks, world_size)
+        elif execution.plan is None and world_size > num_blocks:
             raise ValueError(f"pipebd gives every worker a stage of at least one block: {world_size} workers > "
-                             f"{num_blocks} blocks; use at most {num_blocks} workers")
-        given = self.config.execution.boundaries
-        if given is not None and num_blocks is not None:
-            check_boundaries(given, num_blocks, world_size)
+                             f"{num_blocks} blocks; use at most {num_blocks} workers, or a plan with data-parallel "
+                             "stages (--plan auto)")
 
     def run_worker(self, ctx: WorkerContext, job: Job, save_block) -> WorkerReport:
-        spec, device, stage, stages = job.spec, ctx.device, ctx.rank, ctx.world_size
-        boundaries = stage_boundaries(job, stages)
-        blocks = stage_blocks(boundaries, job.num_blocks)[stage]
-        batch = job.config.data.batch_size
-        shape_in = (batch,) + spec.shapes[blocks.start][0]
+        spec, device, execution, tracer = job.spec, ctx.device, job.config.execution, ctx.tracer
+        plan = resolve_plan(job, ctx.world_size)
+        k, j = plan.locate(ctx.rank)
+        stage, batch = plan.stages[k], job.config.data.batch_size
+        groups = _stage_groups(ctx, plan)
+        group = groups[k]
+        rows = shard_sizes(batch, stage.devices)[j]
         if ctx.distributed:
-            _agree(ctx, boundaries)
-        execution, tracer = job.config.execution, ctx.tracer
-        teacher = [spec.teacher[i].to(device) for i in blocks]
-        trainers = [BlockTrainer(i, spec.student[i].to(device), job.config.distill, job.steps_per_block)
-                    for i in blocks]
-        block_reports = [BlockReport() for _ in blocks]
-        report = WorkerReport(ctx.rank, label=f"stage {stage}: blocks {blocks.start}-{blocks.stop - 1}")
+            _agree(ctx, plan)
+        teacher = [spec.teacher[i].to(device) for i in stage.blocks]
+        trainers = []
+        for i in stage.blocks:
+            student = spec.student[i].to(device)
+            if group is not None and execution.sync_bn:
+                student = convert_sync_batchnorm(student, group, device.type)
+            trainers.append(BlockTrainer(i, student, job.config.distill, job.steps_per_block))
+        hook = None
+        if group is not None:
+            def hook(params, loss):
+                return allreduce_gradients(params, loss, group)
+        block_reports = [BlockReport() for _ in stage.blocks]
+        where = f" (device {j + 1}/{stage.devices})" if stage.devices > 1 else ""
+        report = WorkerReport(ctx.rank, label=f"stage {k}{where}: blocks {stage.start}-{stage.stop - 1}")
         epochs, steps = job.config.distill.epochs, job.order.steps_per_epoch
         receiver = sender = None
-        if stage > 0:
-            receiver = Receiver(stage - 1, shape_in, job.spec.sample.dtype, device, execution.queue_depth,
-                                epochs * steps, ctx.timeout, ctx.group)
-        if stage < stages - 1:
-            sender = Sender(stage + 1, execution.queue_depth, ctx.timeout, ctx.group)
+        if k > 0:
+            previous = plan.ranks(k - 1)
+            lo = sum(shard_sizes(batch, stage.devices)[:j])
+            routes = [(previous[a], g_lo - lo, g_hi - lo)
+                      for a, b, g_lo, g_hi in transfers(batch, plan.stages[k - 1].devices, stage.devices) if b == j]
+            receiver = Receiver(routes, (rows,) + spec.shapes[stage.start][0], spec.sample.dtype, device,
+                                execution.queue_depth, epochs * steps, ctx.timeout, ctx.group)
+        if k < len(plan.stages) - 1:
+            following = plan.ranks(k + 1)
+            lo = sum(shard_sizes(batch, stage.devices)[:j])
+            routes = [(following[b], g_lo - lo, g_hi - lo)
+                      for a, b, g_lo, g_hi in transfers(batch, stage.devices, plan.stages[k + 1].devices) if a == j]
+            sender = Sender(routes, execution.queue_depth, ctx.timeout, ctx.group)
         for epoch in range(epochs):
-            source = iter(job.loader(epoch)) if stage == 0 else None
+            source = iter(job.loader(epoch, j, stage.devices)) if k == 0 else None
             for _ in range(steps):
                 if source is not None:
                     with tracer.span("data"):
@@ -88,12 +124,16 @@ class PipeBDExecutor(Executor):
                         y = block(x)
                         pairs.append((x, y))
                         x = y
-                report.count("teacher_block_forwards", batch * len(teacher))
+                report.count("teacher_block_forwards", rows * len(teacher))
                 if sender is not None:
                     with tracer.span("send"):
                         sender.send(x)
                 with tracer.span("student"):
-                    losses = [trainer.forward_backward(xi, yi) for trainer, (xi, yi) in zip(trainers, pairs)]
+                    losses = [trainer.forward_backward(xi, yi, rows / batch if group is not None else 1.0)
+                              for trainer, (xi, yi) in zip(trainers, pairs)]
+                if hook is not None:
+                    with tracer.span("comm"):
+                        losses = [hook(trainer.parameters_with_grad(), loss) for trainer, loss in zip(trainers, losses)]
                 if not execution.decoupled and ctx.distributed:
                     with tracer.span("wait"):
                         dist.barrier(group=ctx.group)
@@ -106,16 +146,26 @@ class PipeBDExecutor(Executor):
         if sender is not None:
             with tracer.span("send"):
                 sender.flush()
-        for index, trainer, block_report in zip(blocks, trainers, block_reports):
-            save_block(index, trainer.state_dict())
-            report.blocks[index] = block_report
+        if j == 0:
+            for index, trainer, block_report in zip(stage.blocks, trainers, block_reports):
+                save_block(index, trainer.state_dict())
+                report.blocks[index] = block_report
         return report
 
 
-def _agree(ctx: WorkerContext, boundaries: List[int]) -> None:
-    """Every stage must have derived the same plan (same config everywhere), or the relay would mismatch."""
+def _stage_groups(ctx: WorkerContext, plan: Plan) -> List:
+    """A process group per multi-device stage (every rank creates every group, in the same order)."""
+    groups = []
+    for k, stage in enumerate(plan.stages):
+        groups.append(dist.new_group(plan.ranks(k)) if stage.devices > 1 and ctx.distributed else None)
+    return groups
+
+
+def _agree(ctx: WorkerContext, plan: Plan) -> None:
+    """Every worker must have derived the same plan (same config everywhere), or the relay would mismatch."""
+    mine = plan.to_dict()["stages"]
     plans: List = [None] * ctx.world_size
-    dist.all_gather_object(plans, boundaries, group=ctx.group)
-    if any(plan != boundaries for plan in plans):
-        raise RuntimeError(f"workers disagree on the stage boundaries: {plans}; start every worker with the "
-                           "same config and code")
+    dist.all_gather_object(plans, mine, group=ctx.group)
+    if any(other != mine for other in plans):
+        raise RuntimeError(f"workers disagree on the plan: {plans}; start every worker with the same config "
+                           "and code")

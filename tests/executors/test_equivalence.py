@@ -36,12 +36,13 @@ def test_dp_one_worker_is_bitwise_reference(tmp_path, student):
     assert dp_manifest["counters"]["samples_loaded_per_sample"] == n
 
 
-def test_dp_two_workers_matches_one_with_sync_bn(tmp_path):
+@pytest.mark.parametrize("workers", [2, 3])  # 8 samples split 4+4 and 3+3+2
+def test_dp_several_workers_match_one_with_sync_bn(tmp_path, workers):
     one, _ = run(tmp_path, "dp1", execution={"executor": "dp", "workers": 1})
-    two, manifest = run(tmp_path, "dp2", execution={"executor": "dp", "workers": 2})
-    assert manifest["workers"] == 2
-    assert_same_blocks(one, two, 5, exact=False, rtol=1e-4, atol=1e-5)
-    assert json.loads((two / "library.json").read_text())["executor"] == "dp"
+    many, manifest = run(tmp_path, "dpn", execution={"executor": "dp", "workers": workers})
+    assert manifest["workers"] == workers
+    assert_same_blocks(one, many, 5, exact=False, rtol=1e-4, atol=1e-5)
+    assert json.loads((many / "library.json").read_text())["executor"] == "dp"
 
 
 def test_dp_per_device_bn_changes_the_math(tmp_path):
@@ -88,3 +89,32 @@ def test_ls_is_bitwise_reference(tmp_path, workers):
     ls, manifest = run(tmp_path, "ls", distill={"paths_per_step": 2}, execution={"executor": "ls", "workers": workers})
     assert_same_blocks(ref, ls, 5, exact=True)
     assert manifest["counters"]["teacher_block_forwards_per_sample"] == 15
+
+
+@pytest.mark.parametrize("stages", [
+    [(0, 2, 2), (2, 5, 1)],           # a heavy first stage on two devices
+    [(0, 3, 1), (3, 5, 3)],           # 8 rows split 3+3+2, assembled from one sender
+    [(0, 1, 2), (1, 4, 1), (4, 5, 1)],
+])
+def test_hybrid_plan_matches_reference(tmp_path, stages):
+    from nni_pipebd.plan.plan import Plan, Stage
+
+    plan = Plan([Stage(*s) for s in stages])
+    path = plan.save(tmp_path / "plan.json")
+    ref, manifest = run(tmp_path, "ref")
+    hybrid, hybrid_manifest = run(tmp_path, "hybrid",
+                                  execution={"executor": "pipebd", "workers": plan.workers, "plan": str(path)})
+    assert_same_blocks(ref, hybrid, 5, exact=False, rtol=1e-4, atol=1e-5)
+    for a, b in zip(manifest["blocks"], hybrid_manifest["blocks"]):
+        assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
+    assert hybrid_manifest["counters"]["teacher_block_forwards_per_sample"] == 5
+    assert hybrid_manifest["counters"]["samples_loaded_per_sample"] == 1
+
+
+def test_plan_with_single_devices_is_bitwise(tmp_path):
+    from nni_pipebd.plan.plan import Plan
+
+    path = Plan.from_boundaries([0, 2], 5).save(tmp_path / "plan.json")
+    ref, _ = run(tmp_path, "ref")
+    pipe, _ = run(tmp_path, "pipe", execution={"executor": "pipebd", "workers": 2, "plan": str(path)})
+    assert_same_blocks(ref, pipe, 5, exact=True)

@@ -1,0 +1,157 @@
+"""Automatic hybrid distribution: profile the job (compute here, links with real workers), then solve."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ..config import Config
+from ..job import build_job
+from ..plan.plan import Plan
+from ..plan.profiler import LinkModel, Profile, load_or_none, profile_job, profile_key
+from ..plan.solver import solve
+
+__all__ = ["cache_path", "get_profile", "auto_plan", "measure_links"]
+
+_logger = logging.getLogger(__name__)
+
+SIZES = (4 * 1024, 256 * 1024, 4 * 1024 * 1024)
+
+
+def cache_path(key: str) -> Path:
+    """Where a profile with ``key`` is kept (``$NNI_PIPEBD_CACHE`` or ``~/.cache/nni_pipebd``)."""
+    root = Path(os.environ.get("NNI_PIPEBD_CACHE", "~/.cache/nni_pipebd")).expanduser()
+    return root / "profiles" / f"{key}.json"
+
+
+def _device(config: Config) -> torch.device:
+    kind = config.execution.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device("cuda", 0) if kind == "cuda" else torch.device("cpu")
+
+
+def get_profile(config: Config, workers: int, path: Union[str, Path, None] = None) -> Profile:
+    """The job's profile for up to ``workers`` devices per stage: reused from ``path`` (or the cache) when its key
+    matches, else measured (each block at every per-device batch; links with ``min(workers, cores)`` workers)."""
+    threads = config.execution.threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # measure as a worker will run
+    try:
+        job = build_job(config)
+        device = _device(config)
+        key = profile_key(job, workers, device)
+        path = Path(path) if path is not None else cache_path(key)
+        profile = load_or_none(path, key)
+        if profile is not None:
+            _logger.info("reusing the profile in %s", path)
+            return profile
+        _logger.info("profiling %d blocks at 1..%d devices per stage", job.num_blocks, workers)
+        profile = profile_job(job, workers, device)
+    finally:
+        torch.set_num_threads(previous)
+    if workers > 1:
+        profile.p2p, profile.allreduce = measure_links(config, workers)
+    profile.save(path)
+    _logger.info("profile saved to %s", path)
+    return profile
+
+
+def auto_plan(config: Config, workers: int, profile_path: Union[str, Path, None] = None) -> Tuple[Plan, Profile]:
+    """Profile (or reuse) and solve for ``workers`` devices under ``execution.memory_limit_mb``."""
+    profile = get_profile(config, workers, profile_path)
+    execution = config.execution
+    plan = solve(profile, workers, execution.memory_limit_mb, execution.sync_bn, execution.queue_depth)
+    return plan, profile
+
+
+def measure_links(config: Config, workers: int) -> Tuple[LinkModel, Dict[int, LinkModel]]:
+    """Fit point-to-point and all-reduce (per group size) time models with real worker processes."""
+    device = _device(config)
+    count = min(workers, torch.cuda.device_count() if device.type == "cuda" else (os.cpu_count() or 1))
+    count = max(count, 2)
+    folder = tempfile.mkdtemp(prefix="nni_pipebd_links_")
+    try:
+        mp.start_processes(_link_worker, args=(count, folder, device.type, config.execution.backend,
+                                               config.execution.timeout_s),
+                           nprocs=count, join=True, start_method="spawn")
+        raw = json.loads((Path(folder) / "links.json").read_text())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    p2p = _fit(raw["p2p"])
+    allreduce = {int(g): _fit(points) for g, points in raw["allreduce"].items()}
+    return p2p, allreduce
+
+
+def _fit(points: List[Tuple[int, float]]) -> LinkModel:
+    """Least squares ``t = a + b n`` with a, b >= 0."""
+    n = len(points)
+    mx = sum(p[0] for p in points) / n
+    my = sum(p[1] for p in points) / n
+    var = sum((p[0] - mx) ** 2 for p in points)
+    slope = max(0.0, sum((p[0] - mx) * (p[1] - my) for p in points) / var) if var else 0.0
+    return LinkModel(max(0.0, my - slope * mx), slope)
+
+
+def _median_time(fn, device: str, repeats: int = 7) -> float:
+    times = []
+    for _ in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[repeats // 2]
+
+
+def _link_worker(rank: int, world: int, folder: str, device_type: str, backend: str, timeout_s: float) -> None:
+    torch.set_num_threads(1)
+    if backend == "auto":
+        backend = "nccl" if device_type == "cuda" else "gloo"
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{os.path.join(folder, 'store')}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        groups = {g: dist.new_group(list(range(g))) for g in range(2, world + 1)}
+        results = {"p2p": [], "allreduce": {}}
+        for size in SIZES:
+            buffer = torch.zeros(size // 4, device=device)
+
+            def ping():
+                if rank == 0:
+                    dist.send(buffer, 1)
+                    dist.recv(buffer, 1)
+                elif rank == 1:
+                    dist.recv(buffer, 0)
+                    dist.send(buffer, 0)
+
+            t = _median_time(ping, device_type) if rank < 2 else 0.0
+            results["p2p"].append((size, t / 2))
+            dist.barrier()
+        for g, group in groups.items():
+            points = []
+            for size in SIZES:
+                buffer = torch.zeros(size // 4, device=device)
+                if rank < g:
+                    points.append((size, _median_time(lambda: dist.all_reduce(buffer, group=group), device_type)))
+                dist.barrier()
+            results["allreduce"][g] = points
+        if rank == 0:
+            (Path(folder) / "links.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,213 @@
+"""The profile the solver plans from: per block and per data-parallel degree, time and memory; link costs."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..distill.trainer import BlockTrainer
+from ..job import Job
+
+__all__ = ["BlockProfile", "LinkModel", "Profile", "profile_job", "profile_key"]
+
+MB = 1024.0 * 1024.0
+
+
+@dataclass
+class LinkModel:
+    """Time of moving ``n`` bytes: ``latency_s + n * s_per_byte`` (fitted to measurements)."""
+
+    latency_s: float = 0.0
+    s_per_byte: float = 0.0
+
+    def time(self, nbytes: float) -> float:
+        return self.latency_s + nbytes * self.s_per_byte
+
+
+@dataclass
+class BlockProfile:
+    """One block, keyed by data-parallel degree g (per-device batch = ceil(B / g)).
+
+    ``teacher_s`` / ``student_s``: seconds per step of the teacher forward and the student
+    forward+backward+step; ``memory_mb``: per-device memory of the block (weights, optimizer state,
+    activations); ``activation_in_bytes``: bytes per sample entering the block; ``grad_bytes``: bytes of the
+    gradients all-reduced per step (mean over sampled paths); ``bn_layers``: BatchNorm layers on a path;
+    ``teacher_mb``: the teacher block's weights (included in ``memory_mb``).
+    """
+
+    teacher_s: Dict[int, float]
+    student_s: Dict[int, float]
+    memory_mb: Dict[int, float]
+    activation_in_bytes: int
+    grad_bytes: float
+    bn_layers: float
+    teacher_mb: float = 0.0
+
+
+@dataclass
+class Profile:
+    """Everything the solver needs, saved as JSON and reused when its ``key`` matches."""
+
+    key: str
+    device: str
+    batch_size: int
+    max_devices: int
+    blocks: List[BlockProfile]
+    p2p: LinkModel = field(default_factory=LinkModel)
+    allreduce: Dict[int, LinkModel] = field(default_factory=dict)
+
+    def allreduce_time(self, nbytes: float, devices: int) -> float:
+        """All-reduce time over ``devices``: measured model for that size, else a ring model from the largest."""
+        if devices <= 1:
+            return 0.0
+        if devices in self.allreduce:
+            return self.allreduce[devices].time(nbytes)
+        if not self.allreduce:
+            return 0.0
+        g0 = max(self.allreduce)
+        base = self.allreduce[g0]
+        # ring all-reduce: 2(g-1) latency hops, 2(g-1)/g of the data through each link
+        return (base.latency_s * (devices - 1) / max(g0 - 1, 1)
+                + nbytes * base.s_per_byte * ((devices - 1) / devices) / ((g0 - 1) / g0))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Profile":
+        def keyed(d):
+            return {int(k): float(v) for k, v in d.items()}
+        blocks = [BlockProfile(keyed(b["teacher_s"]), keyed(b["student_s"]), keyed(b["memory_mb"]),
+                               int(b["activation_in_bytes"]), float(b["grad_bytes"]), float(b["bn_layers"]),
+                               float(b.get("teacher_mb", 0.0)))
+                  for b in raw["blocks"]]
+        return cls(raw["key"], raw["device"], int(raw["batch_size"]), int(raw["max_devices"]), blocks,
+                   LinkModel(**raw["p2p"]), {int(g): LinkModel(**m) for g, m in raw["allreduce"].items()})
+
+    def save(self, path: Union[str, Path]) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "Profile":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def profile_key(job: Job, max_devices: int, device: torch.device) -> str:
+    """Model + batch size + device kind (+ the settings that change costs), hashed."""
+    config = job.config
+    what = {"teacher": asdict(config.model.teacher), "student": asdict(config.model.student),
+            "image": [config.data.image_size, config.data.channels], "batch_size": config.data.batch_size,
+            "optimizer": config.distill.optimizer, "paths_per_step": config.distill.paths_per_step,
+            "device": device.type, "max_devices": max_devices, "threads": torch.get_num_threads()}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def profile_job(job: Job, max_devices: int, device: torch.device = torch.device("cpu"), repeats: int = 3,
+                warmup: int = 1) -> Profile:
+    """Measure every block at per-device batch ceil(B/g) for g = 1..max_devices (compute only, this process).
+
+    Link costs (``p2p``, ``allreduce``) are left empty; the launcher measures them with real workers.
+    """
+    batch = job.config.data.batch_size
+    degrees = [g for g in range(1, max_devices + 1) if g <= batch]
+    images = torch.stack([job.dataset[i % len(job.dataset)][0] for i in range(batch)]).to(device)
+    blocks: List[BlockProfile] = []
+    x = images
+    slots = 2 if job.config.distill.optimizer == "adam" else (1 if job.config.distill.momentum else 0)
+    for index, (teacher, student) in enumerate(zip(job.spec.teacher, job.spec.student)):
+        teacher = teacher.to(device)
+        with torch.no_grad():
+            y = teacher(x)
+        t_s, s_s, mem, grads, bns = {}, {}, {}, [], []
+        for g in degrees:
+            rows = math.ceil(batch / g)
+            xs, ys = x[:rows], y[:rows]
+            trainer = BlockTrainer(index, copy.deepcopy(student).to(device), job.config.distill, warmup + repeats)
+            teacher_times, student_times = [], []
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            for round_ in range(warmup + repeats):
+                start = _now(device)
+                with torch.no_grad():
+                    teacher(xs)
+                middle = _now(device)
+                trainer.step(xs, ys)
+                end = _now(device)
+                if round_ >= warmup:
+                    teacher_times.append(middle - start)
+                    student_times.append(end - middle)
+                    if g == 1:
+                        grads.append(sum(p.numel() * p.element_size() for p in trainer.parameters_with_grad()))
+                        bns.append(_bn_on_path(trainer.student))
+            t_s[g] = sorted(teacher_times)[len(teacher_times) // 2]
+            s_s[g] = sum(student_times) / len(student_times)
+            if device.type == "cuda":
+                mem[g] = (torch.cuda.max_memory_allocated(device) - base) / MB + _bytes(teacher) / MB
+            else:
+                mem[g] = _cpu_memory_mb(teacher, trainer, xs, ys, slots)
+        blocks.append(BlockProfile(t_s, s_s, mem, int(x[0].numel() * x.element_size()),
+                                   sum(grads) / len(grads), sum(bns) / len(bns), _bytes(teacher) / MB))
+        x = y
+    return Profile(profile_key(job, max_devices, device), device.type, batch, max_devices, blocks)
+
+
+def _bn_on_path(student: nn.Module) -> int:
+    return sum(1 for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and m.weight is not None and m.weight.grad is not None)
+
+
+def _bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) + \
+        sum(b.numel() * b.element_size() for b in module.buffers())
+
+
+def _cpu_memory_mb(teacher: nn.Module, trainer: BlockTrainer, x: torch.Tensor, y: torch.Tensor, slots: int) -> float:
+    """Estimate: teacher weights + student weights, gradients and optimizer slots + activations kept for backward."""
+    saved = 0
+
+    def hook(_module, _inputs, output):
+        nonlocal saved
+        if isinstance(output, torch.Tensor):
+            saved += output.numel() * output.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in trainer.student.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            trainer.student(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    student = _bytes(trainer.student)
+    grads = sum(p.numel() * p.element_size() for p in trainer.parameters_with_grad())
+    io = (x.numel() + y.numel()) * x.element_size()
+    return (_bytes(teacher) + student + grads * (1 + slots) + saved + io) / MB
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def load_or_none(path: Optional[Union[str, Path]], key: str) -> Optional[Profile]:
+    """A saved profile at ``path`` if its key matches, else ``None``."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        profile = Profile.load(path)
+    except (ValueError, KeyError, TypeError):
+        return None
+    return profile if profile.key == key else None

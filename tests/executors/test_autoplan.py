@@ -1,0 +1,55 @@
+"""--plan auto: profile, solve, run hybrid stages; the result still matches the reference."""
+
+import json
+
+import pytest
+
+from conftest import assert_same_blocks, tiny_config
+from nni_pipebd.cli import main
+from nni_pipebd.executors.autoplan import auto_plan, get_profile
+from nni_pipebd.executors.launch import train
+from nni_pipebd.plan.solver import InfeasibleMemoryError
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NNI_PIPEBD_CACHE", str(tmp_path / "cache"))
+
+
+def test_profile_is_measured_once_then_reused(tmp_path):
+    config = tiny_config(tmp_path)
+    profile = get_profile(config, 2)
+    assert len(profile.blocks) == 5 and set(profile.blocks[0].teacher_s) == {1, 2}
+    assert all(b.student_s[1] > 0 and b.memory_mb[2] > 0 for b in profile.blocks)
+    assert 2 in profile.allreduce and profile.p2p.s_per_byte > 0 and profile.p2p.latency_s >= 0
+    files = list((tmp_path / "cache" / "profiles").iterdir())
+    assert len(files) == 1
+    assert get_profile(config, 2).to_dict() == profile.to_dict()  # same key: read back, not measured
+
+
+def test_train_plan_auto_matches_reference(tmp_path):
+    ref = train(tiny_config(tmp_path), tmp_path / "ref")
+    auto = train(tiny_config(tmp_path, execution={"executor": "pipebd", "workers": 2, "plan": "auto"}),
+                 tmp_path / "auto")
+    assert (tmp_path / "auto" / "plan.json").is_file()
+    assert auto["config"]["execution"]["plan"].endswith("plan.json")
+    assert_same_blocks(tmp_path / "ref", tmp_path / "auto", 5, exact=False, rtol=1e-4, atol=1e-5)
+    assert ref["num_blocks"] == auto["num_blocks"]
+
+
+def test_plan_cli_json_and_memory_errors(tmp_path, capsys, caplog):
+    import yaml
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path).to_dict()))
+    assert main(["plan", str(path), "--workers", "3", "--json", "--out", str(tmp_path / "plan.json")]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert sum(stage["devices"] for stage in plan["stages"]) == 3
+    assert len(plan["predicted"]["stage_s"]) == len(plan["stages"])
+    assert json.loads((tmp_path / "plan.json").read_text())["stages"] == plan["stages"]
+    assert main(["plan", str(path), "--workers", "3", "--memory-limit", "0.001"]) == 2
+    assert "smallest feasible limit is" in caplog.text
+    with pytest.raises(InfeasibleMemoryError):
+        auto_plan(tiny_config(tmp_path, execution={"memory_limit_mb": 0.001}), 3)
