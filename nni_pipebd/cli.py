@@ -188,6 +188,45 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--out", help="write the plan JSON here (for train --plan FILE)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=_plan)
+
+    search = commands.add_parser("search", help="search a block library for architectures within a budget")
+    search.add_argument("library", help="block library folder (written by `nni-pipebd train`)")
+    search.add_argument("--method", choices=["dna", "donna"], default="dna",
+                        help="dna: exact constrained search on block losses; donna: predictor + NSGA-II front")
+    search.add_argument("--budget", required=True,
+                        help="params=N, flops=N (multiply-accumulates) or latency_ms=X; suffixes k, M, G")
+    search.add_argument("--top-k", type=int, help="architectures to output (dna default 5; donna: whole front)")
+    search.add_argument("--max-paths", type=int, default=64, help="paths scored per block (exhaustive up to this)")
+    search.add_argument("--val-batches", type=int, default=8, help="validation batches the block scores use")
+    search.add_argument("--calib-batches", type=int, default=4, help="training batches of BN recalibration")
+    search.add_argument("--latency-runs", type=int, default=5, help="timed runs per path (0: no latency)")
+    search.add_argument("--normalize", choices=["mean", "min", "none"], default="mean",
+                        help="dna: divide each block's losses by their mean / minimum before summing")
+    search.add_argument("--predictor-archs", type=int, default=8, help="donna: architectures finetuned to fit it")
+    search.add_argument("--epochs", type=int, default=1, help="donna: finetuning epochs of those architectures")
+    search.add_argument("--seed", type=int, default=0, help="path sample, predictor architectures, evolution")
+    search.add_argument("--threads", type=int, help="torch threads (latency is always timed on one)")
+    search.add_argument("--device", default="cpu", help="cpu, cuda or auto (losses and finetuning)")
+    search.add_argument("--out", help="write the architectures there as JSON")
+    search.add_argument("--json", action="store_true", help="print the result as JSON")
+    search.set_defaults(func=_search)
+
+    tune = commands.add_parser("finetune", help="build an architecture from a library and finetune it end to end")
+    tune.add_argument("library", help="block library folder")
+    tune.add_argument("--arch", help="JSON: an NNI sample dict or `search --out` output (first architecture); "
+                                     "not needed for a fixed-student library")
+    tune.add_argument("--epochs", type=int, default=1, help="finetuning epochs")
+    tune.add_argument("--lr", type=float, default=1e-3, help="learning rate (Adam, cosine schedule)")
+    tune.add_argument("--mode", choices=["kd", "labels"], default="kd", help="teacher KD + labels, or labels only")
+    tune.add_argument("--init", choices=["library", "scratch"], default="library", help="initial weights")
+    tune.add_argument("--max-steps", type=int, help="cut every epoch after this many steps")
+    tune.add_argument("--seed", type=int, default=0, help="data order (and scratch initialisation)")
+    tune.add_argument("--threads", type=int, help="torch threads")
+    tune.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    tune.add_argument("--out", help="result JSON (default LIBRARY/finetune_<id>.json)")
+    tune.add_argument("--save-model", help="write the finetuned network's state_dict there")
+    tune.add_argument("--json", action="store_true", help="print the result as JSON")
+    tune.set_defaults(func=_finetune)
     return parser
 
 

@@ -42,17 +42,18 @@ def stage_memory(profile: Profile, start: int, stop: int, devices: int, queue_de
 
 
 def solve(profile: Profile, workers: int, memory_limit_mb: Optional[float] = None, sync_bn: bool = True,
-          queue_depth: int = 2) -> Plan:
+          queue_depth: int = 2, max_devices_per_stage: Optional[int] = None) -> Plan:
     """The plan with the smallest predicted slowest stage using exactly ``workers`` devices (ties: smaller sum).
 
     Exact dynamic programme over (first block, devices left): O(N^2 W^2) stage evaluations; it covers the
     pure pipeline (one device per stage), pure data parallelism (one stage, all devices) and every hybrid.
+    ``max_devices_per_stage = 1`` restricts it to pure pipelines (TR+DPU without AHD).
     """
     n = len(profile.blocks)
-    degrees = sorted(profile.blocks[0].teacher_s)
-    if workers < 1 or workers > max(degrees) and workers > 1:
-        raise PlanError(f"the profile covers 1..{max(degrees)} devices per stage; cannot plan {workers} workers — "
-                        f"profile again with --workers {workers}")
+    degrees = [g for g in sorted(profile.blocks[0].teacher_s)
+               if max_devices_per_stage is None or g <= max_devices_per_stage]
+    if workers < 1:
+        raise PlanError(f"workers = {workers} must be >= 1")
     limit = math.inf if memory_limit_mb is None else memory_limit_mb
 
     @lru_cache(maxsize=None)
@@ -81,7 +82,9 @@ def solve(profile: Profile, workers: int, memory_limit_mb: Optional[float] = Non
             need = smallest_memory_limit(profile, workers, queue_depth)
             raise InfeasibleMemoryError(f"no plan for {workers} workers fits {memory_limit_mb:.1f} MB per device; "
                                         f"the smallest feasible limit is {need:.1f} MB")
-        raise PlanError(f"no plan uses exactly {workers} workers for {n} blocks at batch {profile.batch_size}")
+        raise PlanError(f"no plan uses exactly {workers} workers for {n} blocks with 1..{max(degrees)} devices per "
+                        f"stage (batch {profile.batch_size}); profile up to {workers} devices per stage "
+                        f"(nni-pipebd profile CONFIG --workers {workers})")
     plan = Plan(list(stages))
     plan.predicted = {
         "stage_s": [stage_time(profile, s.start, s.stop, s.devices, sync_bn) for s in stages],
