@@ -38,9 +38,13 @@ def _train(args: argparse.Namespace) -> int:
         execution["plan"] = args.plan if args.plan == "auto" else str(Path(args.plan).resolve())
     if args.memory_limit is not None:
         execution["memory_limit_mb"] = args.memory_limit
+    if args.checkpoint_every is not None:
+        execution["checkpoint_every"] = args.checkpoint_every
     config = config.replace(execution=execution, distill=distill)
-    out = Path(args.out or f"runs/{Path(args.config).stem}-{config.execution.executor}")
-    manifest = train(config, out, overwrite=args.overwrite, trace=args.trace)
+    if args.resume and args.out and Path(args.resume) != Path(args.out):
+        raise ValueError(f"--resume {args.resume} and --out {args.out} name different folders; give one")
+    out = Path(args.resume or args.out or f"runs/{Path(args.config).stem}-{config.execution.executor}")
+    manifest = train(config, out, overwrite=args.overwrite, trace=args.trace, resume=bool(args.resume))
     if manifest is None:  # a torchrun rank other than 0
         return 0
     final = [round(block["losses"][-1], 6) if block["losses"] else None for block in manifest["blocks"]]
@@ -165,6 +169,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, help="overrides distill.seed")
     train.add_argument("--out", help="library folder (default runs/<config>-<executor>)")
     train.add_argument("--overwrite", action="store_true", help="replace a library already in --out")
+    train.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last checkpoint")
+    train.add_argument("--checkpoint-every", type=int, help="checkpoint every this many steps (resumable)")
     train.add_argument("--boundaries", help="pipebd: first block of every stage, e.g. 0,2,4")
     train.add_argument("--no-decoupled", action="store_true",
                        help="pipebd: barrier across stages before every step (teacher relaying only)")

@@ -144,6 +144,8 @@ class DistillConfig:
         Cut every epoch after this many steps (quick runs, tests).
     paths_per_step : int
         Supernet paths sampled per step (1 = SPOS/DNA); gradients of the paths are averaged.
+    on_nonfinite : str
+        A NaN/Inf block loss ``stop``\ s the run (naming block and step) or ``skip``\ s that batch's update.
     seed : int
         Seeds student initialisation, path sampling and data order.
     """
@@ -157,6 +159,7 @@ class DistillConfig:
     epochs: int = 1
     max_steps_per_epoch: Optional[int] = None
     paths_per_step: int = 1
+    on_nonfinite: str = "stop"
     seed: int = 0
 
 
@@ -196,6 +199,8 @@ class ExecutionConfig:
     block_costs : list of [float, float], optional
         Per block, the cost of its teacher forward and of its student step (e.g. measured seconds), used to
         balance ``pipebd`` stages and ``ls`` assignments; default: estimated from multiply-accumulates.
+    checkpoint_every : int, optional
+        Write a resumable checkpoint of every stage after this many steps (``train --resume`` continues).
     """
 
     executor: str = "reference"
@@ -211,6 +216,7 @@ class ExecutionConfig:
     plan: Optional[str] = None
     memory_limit_mb: Optional[float] = None
     block_costs: Optional[list] = None
+    checkpoint_every: Optional[int] = None
 
 
 @dataclass
@@ -275,6 +281,7 @@ _CHOICES = {
     "distill.loss": ("mse", "nmse"),
     "distill.optimizer": ("sgd", "adam"),
     "distill.schedule": ("cosine", "constant"),
+    "distill.on_nonfinite": ("stop", "skip"),
     "execution.backend": ("auto", "gloo", "nccl"),
     "execution.device": ("auto", "cpu", "cuda"),
 }
@@ -295,7 +302,7 @@ def validate(config: Config) -> None:
         value = _get(config, key)
         if value <= 0:
             raise ConfigError(f"{key} = {value!r} must be > 0")
-    for key in ("distill.max_steps_per_epoch", "execution.threads_per_worker"):
+    for key in ("distill.max_steps_per_epoch", "execution.threads_per_worker", "execution.checkpoint_every"):
         value = _get(config, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key} = {value!r} must be > 0 (or null)")

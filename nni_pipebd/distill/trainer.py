@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable, Dict, List, Optional
 
@@ -13,6 +14,8 @@ from .loss import get_loss
 from .sampler import PathSampler
 
 __all__ = ["BlockTrainer", "NonFiniteLossError"]
+
+_logger = logging.getLogger(__name__)
 
 GradHook = Callable[[List[torch.Tensor], torch.Tensor], torch.Tensor]
 
@@ -60,6 +63,8 @@ class BlockTrainer:
         else:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
         self.steps = 0
+        self.skipped = 0
+        self._buffers: List[torch.Tensor] = []
         self.last_paths: List[Dict[str, str]] = []
 
     def forward_backward(self, x: torch.Tensor, target: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -70,6 +75,8 @@ class BlockTrainer:
         group. Returns the scaled loss (detached).
         """
         self.optimizer.zero_grad(set_to_none=True)
+        if self.config.on_nonfinite == "skip":  # a skipped batch must not leave its BatchNorm statistics behind
+            self._buffers = [b.detach().clone() for b in self.student.buffers()]
         k = self.config.paths_per_step
         factor = scale / k
         total = torch.zeros((), device=x.device)
@@ -88,14 +95,29 @@ class BlockTrainer:
         """Parameters that received a gradient in the last :meth:`forward_backward` (the sampled path's)."""
         return [p for p in self.student.parameters() if p.grad is not None]
 
-    def apply(self, loss: Optional[torch.Tensor] = None) -> None:
-        """Optimizer and LR schedule step; ``loss`` (if given) is checked to be finite first."""
+    def apply(self, loss: Optional[torch.Tensor] = None) -> bool:
+        """Optimizer and LR schedule step; returns False when a non-finite ``loss`` made it skip the update.
+
+        A NaN/Inf ``loss`` raises :class:`NonFiniteLossError` (``on_nonfinite: stop``) or skips the optimizer
+        step of this batch (``skip``; the schedule still advances, so every layout stays in step).
+        """
+        applied = True
         if loss is not None and not math.isfinite(float(loss)):
-            raise NonFiniteLossError(
-                f"block {self.index}: loss is {float(loss)} at step {self.steps}; lower distill.lr or check the data")
-        self.optimizer.step()
+            if self.config.on_nonfinite == "stop":
+                raise NonFiniteLossError(f"block {self.index}: loss is {float(loss)} at step {self.steps}; lower "
+                                         "distill.lr, check the data, or set distill.on_nonfinite: skip")
+            _logger.warning("block %d: loss is %s at step %d; update skipped", self.index, float(loss), self.steps)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buffer, saved in zip(self.student.buffers(), self._buffers):
+                    buffer.copy_(saved)
+            self.skipped += 1
+            applied = False
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.steps += 1
+        return applied
 
     def step(self, x: torch.Tensor, target: torch.Tensor, grad_hook: Optional[GradHook] = None,
              scale: float = 1.0) -> float:
@@ -109,3 +131,18 @@ class BlockTrainer:
     def state_dict(self) -> dict:
         """Student weights only (what the block library stores)."""
         return self.student.state_dict()
+
+    def full_state(self) -> dict:
+        """Everything needed to continue exactly: weights, optimizer, schedule, path sampler, step count."""
+        return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(), "steps": self.steps,
+                "skipped": self.skipped}
+
+    def load_full_state(self, state: dict) -> None:
+        """Restore :meth:`full_state`."""
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.steps = int(state["steps"])
+        self.skipped = int(state["skipped"])

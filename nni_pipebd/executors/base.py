@@ -13,9 +13,10 @@ import torch
 from ..config import Config
 from ..job import Job
 from ..report.trace import Tracer
+from .checkpoint import Checkpointer, common_step, load_checkpoint
 
 __all__ = ["WorkerContext", "BlockReport", "WorkerReport", "Executor", "register", "get_executor",
-           "executor_names"]
+           "executor_names", "stage_state", "restore_stage"]
 
 
 @dataclass
@@ -29,6 +30,25 @@ class WorkerContext:
     timeout: datetime.timedelta
     group: Any = None
     tracer: Tracer = field(default_factory=lambda: Tracer(enabled=False))
+    out_dir: Optional[str] = None
+    resume: bool = False
+    role_dir: Optional[str] = None
+
+    def announce(self, role: str) -> None:
+        """Tell the launcher what this rank does (named if the rank fails)."""
+        if self.role_dir is not None:
+            Path(self.role_dir, f"rank{self.rank}.role").write_text(role)
+
+    def checkpointer(self, key: str, every: Optional[int]) -> Checkpointer:
+        """Checkpoints of this rank's state under ``key`` (a stage), every ``every`` steps."""
+        return Checkpointer(self.out_dir or ".", key, every)
+
+    def resume_state(self, keys: List[str], key: str) -> Optional[Dict[str, Any]]:
+        """When resuming: the state ``key`` saved at the latest step all ``keys`` share (else ``None``)."""
+        if not self.resume or self.out_dir is None:
+            return None
+        step = common_step(self.out_dir, keys)
+        return None if step is None else load_checkpoint(self.out_dir, key, step)
 
     @property
     def distributed(self) -> bool:
@@ -42,6 +62,13 @@ class BlockReport:
     losses: List[float] = field(default_factory=list)
     steps: int = 0
     _epoch: List[float] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"losses": list(self.losses), "steps": self.steps, "_epoch": list(self._epoch)}
+
+    @classmethod
+    def from_dict(cls, raw: Dict[str, Any]) -> "BlockReport":
+        return cls(list(raw["losses"]), int(raw["steps"]), list(raw["_epoch"]))
 
     def add(self, loss: float) -> None:
         """Record the loss of one step."""
@@ -95,6 +122,25 @@ class Executor(ABC):
     @abstractmethod
     def run_worker(self, ctx: WorkerContext, job: Job, save_block) -> WorkerReport:
         """Train this worker's share; ``save_block(index, state_dict)`` stores a finished block."""
+
+
+def stage_state(trainers, report: WorkerReport) -> dict:
+    """What a stage checkpoints: its trainers, its block reports and its counters."""
+    return {"trainers": {t.index: t.full_state() for t in trainers},
+            "reports": {i: r.to_dict() for i, r in report.blocks.items()},
+            "counters": dict(report.counters)}
+
+
+def restore_stage(state, trainers, report: WorkerReport) -> int:
+    """Load a checkpoint written by :func:`stage_state`; returns the steps already done (0 without one)."""
+    if state is None:
+        return 0
+    for trainer in trainers:
+        trainer.load_full_state(state["trainers"][trainer.index])
+    for i in report.blocks:
+        report.blocks[i] = BlockReport.from_dict(state["reports"][i])
+    report.counters = dict(state["counters"])
+    return int(state["steps_done"])
 
 
 _REGISTRY: Dict[str, Type[Executor]] = {}

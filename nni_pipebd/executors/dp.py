@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 import torch
 
 from ..data.order import shard_sizes
 from ..distill.trainer import BlockTrainer
 from ..job import Job
-from .base import BlockReport, Executor, WorkerContext, WorkerReport, register
+from .base import BlockReport, Executor, WorkerContext, WorkerReport, register, stage_state
 from .comm import allreduce_gradients
+from .faults import inject
 from .syncbn import convert_sync_batchnorm
 
 __all__ = ["DataParallelExecutor", "train_block_on_prefix"]
 
 
 def train_block_on_prefix(ctx: WorkerContext, job: Job, index: int, report: WorkerReport, rank: int = 0,
-                          world: int = 1, hook=None, group=None, scale: float = 1.0
-                          ) -> Tuple[BlockReport, Dict[str, torch.Tensor]]:
+                          world: int = 1, hook=None, group=None, scale: float = 1.0, checkpoint=None,
+                          start: Optional[dict] = None, step_base: int = 0) -> BlockTrainer:
     """Train block ``index`` for all epochs, re-running teacher blocks 0..index on every batch (shard).
 
-    Returns the block's report and its trained ``state_dict``.
+    ``report.blocks[index]`` collects the losses. ``checkpoint(steps_done, trainer)`` is called after every
+    step but the block's last; ``start`` is a :meth:`BlockTrainer.full_state` to continue from, and
+    ``step_base`` the worker's steps before this block (for fault injection). Returns the trained trainer.
     """
     device, tracer = ctx.device, ctx.tracer
     teacher = [block.to(device) for block in job.spec.teacher[:index + 1]]
@@ -29,14 +32,18 @@ def train_block_on_prefix(ctx: WorkerContext, job: Job, index: int, report: Work
     if group is not None and world > 1 and job.config.execution.sync_bn:
         student = convert_sync_batchnorm(student, group, device.type)
     trainer = BlockTrainer(index, student, job.config.distill, job.steps_per_block)
-    block_report = BlockReport()
-    for epoch in range(job.config.distill.epochs):
-        batches = iter(job.loader(epoch, rank, world))
+    if start is not None:
+        trainer.load_full_state(start)
+    block_report = report.blocks.setdefault(index, BlockReport())
+    steps, done = job.order.steps_per_epoch, trainer.steps
+    for epoch in range(done // steps, job.config.distill.epochs):
+        batches = iter(job.loader(epoch, rank, world, done % steps if epoch == done // steps else 0))
         while True:
             with tracer.span("data"):
                 images = next(batches, None)
             if images is None:
                 break
+            inject(ctx.rank, step_base + done)
             x = images[0].to(device)
             report.count("samples_loaded", len(x))
             with tracer.span("teacher"), torch.no_grad():
@@ -52,8 +59,12 @@ def train_block_on_prefix(ctx: WorkerContext, job: Job, index: int, report: Work
             with tracer.span("student"):
                 trainer.apply(loss)
             block_report.add(float(loss))
-        block_report.end_epoch()
-    return block_report, trainer.state_dict()
+            done += 1
+            if done % steps == 0:
+                block_report.end_epoch()
+            if checkpoint is not None and done < job.steps_per_block:
+                checkpoint(done, trainer)
+    return trainer
 
 
 @register
@@ -82,10 +93,28 @@ class DataParallelExecutor(Executor):
             def hook(params, loss):
                 return allreduce_gradients(params, loss, ctx.group)
         report = WorkerReport(ctx.rank, label=f"rank {ctx.rank}: 1/{world} of every batch, blocks in turn")
-        for i in range(job.num_blocks):
-            block_report, state = train_block_on_prefix(ctx, job, i, report, ctx.rank, world, hook, ctx.group,
-                                                        weight)
+        ctx.announce(report.label)
+        keys = [f"rank{r}" for r in range(world)]
+        checkpoints = ctx.checkpointer(keys[ctx.rank], job.config.execution.checkpoint_every)
+        state = ctx.resume_state(keys, keys[ctx.rank])
+        spb, done = job.steps_per_block, 0
+        if state is not None:
+            done = int(state["steps_done"])
+            report.blocks = {int(i): BlockReport.from_dict(r) for i, r in state["reports"].items()}
+            report.counters = dict(state["counters"])
+
+        for i in range(done // spb, job.num_blocks):
+            def checkpoint(steps_done, trainer, i=i):
+                if checkpoints.due(i * spb + steps_done):
+                    checkpoints.save(i * spb + steps_done, stage_state([trainer], report))
+
+            start = state["trainers"][i] if state is not None and i == done // spb and done % spb else None
+            trainer = train_block_on_prefix(ctx, job, i, report, ctx.rank, world, hook, ctx.group, weight,
+                                            checkpoint, start, i * spb)
             if ctx.rank == 0:
-                save_block(i, state)
-                report.blocks[i] = block_report
+                save_block(i, trainer.state_dict())
+            if checkpoints.every:  # the block is saved: a resume starts with the next one
+                checkpoints.save((i + 1) * spb, stage_state([], report))
+        if ctx.rank != 0:
+            report.blocks = {}
         return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import resource
@@ -22,6 +23,7 @@ from ..library import atomic_save, block_path, load_manifest, remove_stale, writ
 from ..spec.pretrain import prepare_teacher
 from ..report.trace import Tracer, busy_fraction, write_chrome_trace
 from .base import WorkerContext, WorkerReport, get_executor
+from .checkpoint import CHECKPOINTS, CheckpointError
 
 __all__ = ["train", "WorkerError", "under_torchrun"]
 
@@ -38,7 +40,7 @@ def under_torchrun() -> bool:
 
 
 def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
-          trace: Union[str, Path, None] = None) -> Optional[Dict[str, Any]]:
+          trace: Union[str, Path, None] = None, resume: bool = False) -> Optional[Dict[str, Any]]:
     """Train the block library described by ``config`` into ``out_dir``.
 
     Runs ``config.execution.workers`` workers of ``config.execution.executor``: in this process when one
@@ -55,6 +57,9 @@ def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
         Replace a library already in ``out_dir`` (else that is an error).
     trace : str or Path, optional
         Record every worker's timeline and write it there as a Chrome trace (one row per rank).
+    resume : bool
+        Continue the interrupted run in ``out_dir`` from its latest checkpoint (same config required); the
+        result equals an uninterrupted run.
     """
     executor_cls = get_executor(config.execution.executor)
     world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else config.execution.workers
@@ -63,7 +68,7 @@ def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
     rank = int(os.environ.get("RANK", 0)) if under_torchrun() else 0
     trace = None if trace is None else str(trace)
     if rank == 0:
-        _prepare_out_dir(out_dir, overwrite)
+        _prepare_out_dir(out_dir, overwrite, resume, config)
         prepare_teacher(config)
     if config.execution.plan == "auto" and not under_torchrun():
         from .autoplan import auto_plan
@@ -72,40 +77,114 @@ def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
         path = plan.save(out_dir / "plan.json")
         _logger.info("automatic hybrid distribution for %d workers (saved to %s):\n%s", world, path, plan.grid())
         config = config.replace(execution={"plan": str(path.resolve())})
+    options = {"trace": trace, "resume": resume}
     if under_torchrun():
-        _worker(int(os.environ["RANK"]), world, config, str(out_dir), "env://", trace)
+        _worker(int(os.environ["RANK"]), world, config, str(out_dir), "env://", options)
     elif world == 1 and not executor_cls.needs_process_group:
-        _worker(0, 1, config, str(out_dir), None, trace)
+        _worker(0, 1, config, str(out_dir), None, options)
     else:
         executor_cls(config).check(world, build_job(config).num_blocks)  # fail here, not in every worker
-        _spawn(world, config, out_dir, trace)
+        _spawn(world, config, out_dir, options)
     return load_manifest(out_dir) if rank == 0 else None
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if (out_dir / MANIFEST).exists():
+def _prepare_out_dir(out_dir: Path, overwrite: bool, resume: bool, config: Config) -> None:
+    checkpoints = out_dir / CHECKPOINTS
+    saved_config = checkpoints / "config.json"
+    if resume:
+        if (out_dir / MANIFEST).exists():
+            raise FileExistsError(f"{out_dir} holds a finished block library; there is nothing to resume")
+        if not saved_config.is_file():
+            raise CheckpointError(f"{out_dir} holds no checkpoints of an interrupted run ({saved_config} is "
+                                  "missing); train with execution.checkpoint_every set to be able to resume")
+        before = json.loads(saved_config.read_text())
+        changed = _changed_keys(before, config.to_dict())
+        if changed:
+            raise CheckpointError(f"cannot resume {out_dir} with a changed config: {', '.join(changed)}; resume "
+                                  "with the config of the interrupted run or start a new --out folder")
+        _logger.info("resuming the interrupted run in %s", out_dir)
+        return
+    if (out_dir / MANIFEST).exists() or saved_config.is_file():
+        what = "a block library" if (out_dir / MANIFEST).exists() else "an interrupted run (use --resume)"
         if not overwrite:
-            raise FileExistsError(f"{out_dir} already holds a block library ({MANIFEST}); "
-                                  "choose another --out folder or pass --overwrite")
-        manifest = load_manifest(out_dir)
-        remove_stale(out_dir, range(manifest.get("num_blocks", 0)))
-        _logger.info("replacing the block library in %s", out_dir)
+            raise FileExistsError(f"{out_dir} already holds {what}; choose another --out folder or pass --overwrite")
+        if (out_dir / MANIFEST).exists():
+            remove_stale(out_dir, range(load_manifest(out_dir).get("num_blocks", 0)))
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        _logger.info("replacing the contents of %s", out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if config.execution.checkpoint_every:
+        checkpoints.mkdir(exist_ok=True)
+        atomic_save(config.to_dict(), saved_config)
 
 
-def _spawn(world: int, config: Config, out_dir: Path, trace: Optional[str]) -> None:
+def _changed_keys(before: Dict[str, Any], after: Dict[str, Any], where: str = "") -> List[str]:
+    keys = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{where}{key}.")
+        elif a != b:
+            keys.append(f"{where}{key} ({a!r} -> {b!r})")
+    return keys
+
+
+def _spawn(world: int, config: Config, out_dir: Path, options: Dict[str, Any]) -> None:
+    """Start ``world`` workers; if one fails, the others are stopped and the root cause is named."""
     rendezvous = tempfile.mkdtemp(prefix="nni_pipebd_rdzv_")
+    options = {**options, "role_dir": rendezvous}
     try:
         init = f"file://{os.path.join(rendezvous, 'store')}"
-        mp.start_processes(_worker, args=(world, config, str(out_dir), init, trace), nprocs=world, join=True,
-                           start_method="spawn")
-    except mp.ProcessRaisedException as err:
-        raise WorkerError(f"worker rank {err.error_index} of {world} failed:\n{err}") from None
-    except mp.ProcessExitedException as err:
-        raise WorkerError(f"worker rank {err.error_index} of {world} died with exit code {err.exit_code}"
-                          f"{' (signal ' + err.signal_name + ')' if err.signal_name else ''}") from None
+        context = mp.start_processes(_worker, args=(world, config, str(out_dir), init, options), nprocs=world,
+                                     join=False, start_method="spawn")
+        try:
+            while not context.join():
+                pass
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+            exit_codes = {rank: process.exitcode for rank, process in enumerate(context.processes)}
+            raise WorkerError(_diagnose(rendezvous, world, exit_codes, err)
+                              + f"; the other workers were stopped{_resume_hint(config, out_dir)}") from None
     finally:
         shutil.rmtree(rendezvous, ignore_errors=True)
+
+
+_PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "a peer may have failed",
+                 "Broken pipe", "Socket closed")
+
+
+def _diagnose(rendezvous: str, world: int, exit_codes: Dict[int, Optional[int]], err: Exception) -> str:
+    """Name the rank that failed first: its own error, else a rank that died without one, else the earliest."""
+    errors = {}
+    for rank in range(world):
+        path = Path(rendezvous, f"rank{rank}.error")
+        if path.is_file():
+            stamp, _, cause = path.read_text().partition(" ")
+            errors[rank] = (float(stamp), cause)
+    own = sorted((t, r) for r, (t, cause) in errors.items() if not any(p in cause for p in _PEER_FAILURE))
+    died = [r for r, code in exit_codes.items() if r not in errors and code not in (0, None, -15)]
+    if own:
+        rank = own[0][1]
+        return f"worker rank {rank} of {world} ({_role(rendezvous, rank)}) failed: {errors[rank][1]}"
+    if died:
+        rank, code = died[0], exit_codes[died[0]]
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        return (f"worker rank {rank} of {world} ({_role(rendezvous, rank)}) died ({how}) — killed, out of memory "
+                "or crashed")
+    if errors:
+        rank = min(errors, key=lambda r: errors[r][0])
+        return f"worker rank {rank} of {world} ({_role(rendezvous, rank)}) failed: {errors[rank][1]}"
+    return f"worker rank {getattr(err, 'error_index', '?')} of {world} failed: {err}"
+
+
+def _role(rendezvous: str, rank: int) -> str:
+    path = Path(rendezvous, f"rank{rank}.role")
+    return path.read_text() if path.is_file() else "before it took its role"
+
+
+def _resume_hint(config: Config, out_dir: Path) -> str:
+    if config.execution.checkpoint_every:
+        return f"; continue from the last checkpoint with `nni-pipebd train CONFIG --resume {out_dir}`"
+    return ""
 
 
 def _device(config: Config, local_rank: int) -> torch.device:
@@ -124,8 +203,10 @@ def _device(config: Config, local_rank: int) -> torch.device:
 
 
 def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Optional[str],
-            trace: Optional[str] = None) -> None:
+            options: Optional[Dict[str, Any]] = None) -> None:
     """Body of every worker: join the group, build the job, run the executor, gather reports to rank 0."""
+    options = options or {}
+    trace = options.get("trace")
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = _device(config, local_rank)
     timeout = datetime.timedelta(seconds=config.execution.timeout_s)
@@ -145,7 +226,8 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
         job = build_job(config)
         executor = get_executor(config.execution.executor)(config)
         executor.check(world, job.num_blocks)
-        ctx = WorkerContext(rank, world, local_rank, device, timeout, group, Tracer(enabled=trace is not None))
+        ctx = WorkerContext(rank, world, local_rank, device, timeout, group, Tracer(enabled=trace is not None),
+                            out_dir, bool(options.get("resume")), options.get("role_dir"))
         if group is not None:
             dist.barrier(group=group)  # start the clocks together
 
@@ -153,7 +235,12 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
             atomic_save({k: v.detach().cpu() for k, v in state.items()}, block_path(out_dir, index))
 
         begin = time.time()
-        report = executor.run_worker(ctx, job, save_block)
+        try:
+            report = executor.run_worker(ctx, job, save_block)
+        except BaseException as err:
+            if ctx.role_dir is not None:
+                Path(ctx.role_dir, f"rank{rank}.error").write_text(f"{time.time()} {type(err).__name__}: {err}")
+            raise
         report.start, report.end, report.spans = begin, time.time(), ctx.tracer.spans
         report.peak_rss_mb = peak_rss_mb()
         reports: List[WorkerReport] = [report]
@@ -165,6 +252,7 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
             if trace is not None:
                 write_chrome_trace(trace, {r.rank: r.spans for r in reports}, {r.rank: r.label for r in reports})
             _write_library(out_dir, config, world, job.num_blocks, reports, time.perf_counter() - start, job)
+            shutil.rmtree(Path(out_dir) / CHECKPOINTS, ignore_errors=True)  # the library is complete
     finally:
         if group is not None:
             dist.destroy_process_group()

@@ -32,6 +32,9 @@ class TaskParallelExecutor(Executor):
     needs_process_group = True
 
     def check(self, world_size, num_blocks=None):
+        if self.config.execution.checkpoint_every:
+            raise ValueError("the ls baseline does not write resumable checkpoints; unset "
+                             "execution.checkpoint_every or use reference, dp or pipebd")
         if num_blocks is not None and world_size > num_blocks:
             raise ValueError(f"ls gives every worker at least one whole block: {world_size} workers > "
                              f"{num_blocks} blocks; use at most {num_blocks} workers")
@@ -39,8 +42,7 @@ class TaskParallelExecutor(Executor):
     def run_worker(self, ctx: WorkerContext, job: Job, save_block) -> WorkerReport:
         mine = block_assignment(job, ctx.world_size)[ctx.rank]
         report = WorkerReport(ctx.rank, label=f"rank {ctx.rank}: blocks {mine}")
+        ctx.announce(report.label)
         for i in mine:
-            block_report, state = train_block_on_prefix(ctx, job, i, report)
-            save_block(i, state)
-            report.blocks[i] = block_report
+            save_block(i, train_block_on_prefix(ctx, job, i, report).state_dict())
         return report

@@ -14,8 +14,9 @@ from ..job import Job
 from ..plan.cost import job_block_costs
 from ..plan.partition import balanced_boundaries, check_boundaries
 from ..plan.plan import Plan, PlanError, transfers
-from .base import BlockReport, Executor, WorkerContext, WorkerReport, register
+from .base import BlockReport, Executor, WorkerContext, WorkerReport, register, restore_stage, stage_state
 from .comm import Receiver, Sender, allreduce_gradients
+from .faults import inject
 from .syncbn import convert_sync_batchnorm
 
 __all__ = ["PipeBDExecutor", "resolve_plan"]
@@ -90,9 +91,13 @@ class PipeBDExecutor(Executor):
         if group is not None:
             def hook(params, loss):
                 return allreduce_gradients(params, loss, group)
-        block_reports = [BlockReport() for _ in stage.blocks]
         where = f" (device {j + 1}/{stage.devices})" if stage.devices > 1 else ""
         report = WorkerReport(ctx.rank, label=f"stage {k}{where}: blocks {stage.start}-{stage.stop - 1}")
+        report.blocks = {i: BlockReport() for i in stage.blocks}
+        ctx.announce(report.label)
+        keys = [f"rank{r}" for r in range(ctx.world_size)]
+        checkpoints = ctx.checkpointer(keys[ctx.rank], execution.checkpoint_every)
+        done = restore_stage(ctx.resume_state(keys, keys[ctx.rank]), trainers, report)
         epochs, steps = job.config.distill.epochs, job.order.steps_per_epoch
         receiver = sender = None
         if k > 0:
@@ -101,16 +106,18 @@ class PipeBDExecutor(Executor):
             routes = [(previous[a], g_lo - lo, g_hi - lo)
                       for a, b, g_lo, g_hi in transfers(batch, plan.stages[k - 1].devices, stage.devices) if b == j]
             receiver = Receiver(routes, (rows,) + spec.shapes[stage.start][0], spec.sample.dtype, device,
-                                execution.queue_depth, epochs * steps, ctx.timeout, ctx.group)
+                                execution.queue_depth, epochs * steps - done, ctx.timeout, ctx.group)
         if k < len(plan.stages) - 1:
             following = plan.ranks(k + 1)
             lo = sum(shard_sizes(batch, stage.devices)[:j])
             routes = [(following[b], g_lo - lo, g_hi - lo)
                       for a, b, g_lo, g_hi in transfers(batch, stage.devices, plan.stages[k + 1].devices) if a == j]
             sender = Sender(routes, execution.queue_depth, ctx.timeout, ctx.group)
-        for epoch in range(epochs):
-            source = iter(job.loader(epoch, j, stage.devices)) if k == 0 else None
-            for _ in range(steps):
+        for epoch in range(done // steps, epochs):
+            first = done % steps if epoch == done // steps else 0
+            source = iter(job.loader(epoch, j, stage.devices, first)) if k == 0 else None
+            for _ in range(first, steps):
+                inject(ctx.rank, done)
                 if source is not None:
                     with tracer.span("data"):
                         x = next(source)[0].to(device)
@@ -138,18 +145,23 @@ class PipeBDExecutor(Executor):
                     with tracer.span("wait"):
                         dist.barrier(group=ctx.group)
                 with tracer.span("student"):
-                    for trainer, loss, block_report in zip(trainers, losses, block_reports):
+                    for trainer, loss in zip(trainers, losses):
                         trainer.apply(loss)
-                        block_report.add(float(loss))
-            for block_report in block_reports:
-                block_report.end_epoch()
+                        report.blocks[trainer.index].add(float(loss))
+                done += 1
+                if done % steps == 0:
+                    for block_report in report.blocks.values():
+                        block_report.end_epoch()
+                if checkpoints.due(done):
+                    checkpoints.save(done, stage_state(trainers, report))
         if sender is not None:
             with tracer.span("send"):
                 sender.flush()
         if j == 0:
-            for index, trainer, block_report in zip(stage.blocks, trainers, block_reports):
+            for index, trainer in zip(stage.blocks, trainers):
                 save_block(index, trainer.state_dict())
-                report.blocks[index] = block_report
+        else:
+            report.blocks = {}  # the stage's first device reports its blocks
         return report
 
 

@@ -6,7 +6,8 @@ import torch
 
 from ..distill.trainer import BlockTrainer
 from ..job import Job
-from .base import BlockReport, Executor, WorkerContext, WorkerReport, register
+from .base import BlockReport, Executor, WorkerContext, WorkerReport, register, restore_stage, stage_state
+from .faults import inject
 
 __all__ = ["ReferenceExecutor"]
 
@@ -21,22 +22,27 @@ class ReferenceExecutor(Executor):
     def check(self, world_size, num_blocks=None):
         if world_size != 1:
             raise ValueError(f"the reference executor runs on 1 worker, not {world_size}; "
-                             "use --workers 1 or a parallel executor (dp, ...)")
+                             "use --workers 1 or a parallel executor (dp, ls, pipebd)")
 
     def run_worker(self, ctx: WorkerContext, job: Job, save_block) -> WorkerReport:
-        spec, device = job.spec, ctx.device
+        spec, device, tracer = job.spec, ctx.device, ctx.tracer
         teacher = [block.to(device) for block in spec.teacher]
         trainers = [BlockTrainer(i, block.to(device), job.config.distill, job.steps_per_block)
                     for i, block in enumerate(spec.student)]
-        blocks = [BlockReport() for _ in trainers]
-        report, tracer = WorkerReport(ctx.rank, label="reference: all blocks"), ctx.tracer
-        for epoch in range(job.config.distill.epochs):
-            batches = iter(job.loader(epoch))
+        report = WorkerReport(ctx.rank, label="reference: all blocks")
+        report.blocks = {i: BlockReport() for i in range(job.num_blocks)}
+        ctx.announce(report.label)
+        checkpoints = ctx.checkpointer("reference", job.config.execution.checkpoint_every)
+        done = restore_stage(ctx.resume_state(["reference"], "reference"), trainers, report)
+        steps = job.order.steps_per_epoch
+        for epoch in range(done // steps, job.config.distill.epochs):
+            batches = iter(job.loader(epoch, start_step=done % steps if epoch == done // steps else 0))
             while True:
                 with tracer.span("data"):
                     images = next(batches, None)
                 if images is None:
                     break
+                inject(ctx.rank, done)
                 x = images[0].to(device)
                 report.count("samples_loaded", len(x))
                 for i, (block, trainer) in enumerate(zip(teacher, trainers)):
@@ -44,11 +50,15 @@ class ReferenceExecutor(Executor):
                         y = block(x)
                     report.count("teacher_block_forwards", len(x))
                     with tracer.span("student"):
-                        blocks[i].add(trainer.step(x, y))
+                        report.blocks[i].add(trainer.step(x, y))
                     x = y
-            for block_report in blocks:
-                block_report.end_epoch()
+                done += 1
+                if done % steps == 0:
+                    for block_report in report.blocks.values():
+                        block_report.end_epoch()
+                if checkpoints.due(done):
+                    checkpoints.save(done, stage_state(trainers, report))
         for i, trainer in enumerate(trainers):
             save_block(i, trainer.state_dict())
-            report.blocks[i] = blocks[i]
         return report
+

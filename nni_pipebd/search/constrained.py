@@ -202,6 +202,9 @@ def dna_search(scores: Mapping[str, Any], budget: Budget, top_k: int = 1,
     """
     searchable = [b for b in scores["blocks"] if b["labels"]]
     fixed = [b for b in scores["blocks"] if not b["labels"]]
+    if not searchable:
+        raise SearchError("the library has no block with choices (a fixed student): there is nothing to search; "
+                          "finetune it directly (`nni-pipebd finetune LIBRARY_DIR`)")
 
     def cost_of(entry: Mapping[str, Any]) -> float:
         value = entry.get(budget.metric)

@@ -385,6 +385,9 @@ def donna_search(scores: Mapping[str, Any], predictor: AccuracyPredictor, budget
     if metric not in METRICS:
         raise SearchError(f"cost metric {metric!r} is not valid; choose one of {list(METRICS)}")
     blocks = _searchable(scores)
+    if not blocks:
+        raise SearchError("the library has no block with choices (a fixed student): there is nothing to search; "
+                          "finetune it directly (`nni-pipebd finetune LIBRARY_DIR`)")
     fixed_blocks = [b for b in scores["blocks"] if not b["labels"]]
     if any(e.get(metric) is None for b in scores["blocks"] for e in b["paths"]):
         raise SearchError(f"the scores hold no {metric}; rank the library again with latency_runs > 0")
@@ -394,8 +397,6 @@ def donna_search(scores: Mapping[str, Any], predictor: AccuracyPredictor, budget
     smallest = fixed + sum(float(c.min()) for c in cost_table)
     if budget is not None and not fits(smallest, budget.limit):
         raise InfeasibleBudgetError(metric, budget.limit, smallest, fixed)
-    if not blocks:
-        raise SearchError("the library has no block with choices (a fixed student): there is nothing to search")
 
     def costs_of(genomes: np.ndarray) -> np.ndarray:
         return fixed + sum(cost_table[j][genomes[:, j]] for j in range(len(blocks)))

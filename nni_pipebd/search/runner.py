@@ -53,6 +53,9 @@ def search_library(directory: Union[str, Path], method: str, budget: Union[Budge
     start = time.perf_counter()
     directory = Path(directory)
     library = open_library(directory)
+    if not library.choices:
+        raise SearchError(f"{directory} holds a fixed student (no layer choices): there is nothing to search; "
+                          "finetune it directly (`nni-pipebd finetune LIBRARY_DIR`)")
     scores = rank_library(directory, ranking, device=device, library=library)
     result: Dict[str, Any] = {
         "format": SEARCH_FORMAT,

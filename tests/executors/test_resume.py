@@ -1,0 +1,68 @@
+"""Checkpoints: an interrupted run resumed ends with weights bitwise-equal to an uninterrupted one."""
+
+import os
+
+import pytest
+
+from conftest import assert_same_blocks, tiny_config
+from nni_pipebd.executors.checkpoint import CheckpointError
+from nni_pipebd.executors.faults import ENV, InjectedFault
+from nni_pipebd.executors.launch import WorkerError, train
+
+pytestmark = pytest.mark.timeout(300)
+
+CASES = [
+    ("reference", 1),
+    ("dp", 2),
+    ("pipebd", 2),
+]
+
+
+def config(tmp_path, executor, workers):
+    return tiny_config(tmp_path, distill={"epochs": 2, "max_steps_per_epoch": 3},
+                       execution={"executor": executor, "workers": workers, "checkpoint_every": 2})
+
+
+@pytest.mark.parametrize("executor,workers", CASES)
+def test_resume_mid_epoch_is_bitwise(tmp_path, monkeypatch, executor, workers):
+    whole = train(config(tmp_path, executor, workers), tmp_path / "whole")
+    run = tmp_path / "run"
+    monkeypatch.setenv(ENV, f"rank={workers - 1},step=4")   # mid epoch 2 (3 steps per epoch); dp: block 1
+    with pytest.raises((InjectedFault, WorkerError), match="injected fault at rank"):
+        train(config(tmp_path, executor, workers), run)
+    assert not (run / "library.json").exists()
+    assert any(name.endswith(".pt") for name in os.listdir(run / "checkpoints"))
+    monkeypatch.delenv(ENV)
+    resumed = train(config(tmp_path, executor, workers), run, resume=True)
+    assert_same_blocks(tmp_path / "whole", run, 5, exact=True)
+    assert [b["losses"] for b in resumed["blocks"]] == [b["losses"] for b in whole["blocks"]]
+    assert resumed["counters"] == whole["counters"]
+    assert not (run / "checkpoints").exists()
+
+
+def test_resume_refuses_changed_config_and_missing_checkpoints(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.setenv(ENV, "rank=0,step=3")
+    with pytest.raises(InjectedFault):
+        train(config(tmp_path, "reference", 1), run)
+    monkeypatch.delenv(ENV)
+    changed = tiny_config(tmp_path, distill={"epochs": 2, "max_steps_per_epoch": 3, "lr": 0.5},
+                          execution={"checkpoint_every": 2})
+    with pytest.raises(CheckpointError, match=r"changed config: distill\.lr \(0\.05 -> 0\.5\)"):
+        train(changed, run, resume=True)
+    with pytest.raises(FileExistsError, match="interrupted run"):
+        train(config(tmp_path, "reference", 1), run)
+    with pytest.raises(CheckpointError, match="holds no checkpoints"):
+        train(config(tmp_path, "reference", 1), tmp_path / "fresh", resume=True)
+
+
+def test_corrupt_checkpoint_is_named(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.setenv(ENV, "rank=0,step=5")
+    with pytest.raises(InjectedFault):
+        train(config(tmp_path, "reference", 1), run)
+    monkeypatch.delenv(ENV)
+    latest = sorted((run / "checkpoints").glob("reference_step*.pt"))[-1]
+    latest.write_bytes(latest.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{latest.name} cannot be read .* corrupt"):
+        train(config(tmp_path, "reference", 1), run, resume=True)
