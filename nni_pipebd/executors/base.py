@@ -16,7 +16,7 @@ from ..report.trace import Tracer
 from .checkpoint import Checkpointer, common_step, load_checkpoint
 
 __all__ = ["WorkerContext", "BlockReport", "WorkerReport", "Executor", "register", "get_executor",
-           "executor_names", "stage_state", "restore_stage"]
+           "executor_names", "stage_state", "restore_stage", "rss_mb"]
 
 
 @dataclass
@@ -94,6 +94,11 @@ class WorkerReport:
     start: float = 0.0
     end: float = 0.0
     peak_rss_mb: float = 0.0
+    rss_mb_per_epoch: List[float] = field(default_factory=list)
+
+    def end_epoch(self) -> None:
+        """Record this worker's resident memory at the end of an epoch (the soak benchmark reads it)."""
+        self.rss_mb_per_epoch.append(rss_mb())
 
     def count(self, name: str, value: int) -> None:
         self.counters[name] = self.counters.get(name, 0) + int(value)
@@ -122,6 +127,18 @@ class Executor(ABC):
     @abstractmethod
     def run_worker(self, ctx: WorkerContext, job: Job, save_block) -> WorkerReport:
         """Train this worker's share; ``save_block(index, state_dict)`` stores a finished block."""
+
+
+def rss_mb(field_name: str = "VmRSS") -> float:
+    """Resident memory of this process in MB (``VmHWM``: its peak), from /proc; 0 where unavailable."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def stage_state(trainers, report: WorkerReport) -> dict:

@@ -62,6 +62,7 @@ def train_block_on_prefix(ctx: WorkerContext, job: Job, index: int, report: Work
             done += 1
             if done % steps == 0:
                 block_report.end_epoch()
+                report.end_epoch()
             if checkpoint is not None and done < job.steps_per_block:
                 checkpoint(done, trainer)
     return trainer

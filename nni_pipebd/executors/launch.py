@@ -22,7 +22,7 @@ from ..job import build_job
 from ..library import atomic_save, block_path, load_manifest, remove_stale, write_manifest, MANIFEST
 from ..spec.pretrain import prepare_teacher
 from ..report.trace import Tracer, busy_fraction, write_chrome_trace
-from .base import WorkerContext, WorkerReport, get_executor
+from .base import WorkerContext, WorkerReport, get_executor, rss_mb
 from .checkpoint import CHECKPOINTS, CheckpointError
 
 __all__ = ["train", "WorkerError", "under_torchrun"]
@@ -219,7 +219,16 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
         backend = config.execution.backend
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
+        try:
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
+        except (RuntimeError, ValueError) as err:
+            where = (f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}" if init_method == "env://"
+                     else init_method)
+            hint = ("the port is in use: pick a free MASTER_PORT (torchrun --master-port) or stop the process "
+                    "holding it" if "in use" in str(err).lower() else
+                    "check that every worker can reach it and started with the same WORLD_SIZE")
+            raise RuntimeError(f"rank {rank} of {world} could not join the process group at {where} "
+                               f"({type(err).__name__}: {str(err).splitlines()[0]}); {hint}") from err
         group = dist.group.WORLD
     try:
         start = time.perf_counter()
@@ -242,7 +251,7 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
                 Path(ctx.role_dir, f"rank{rank}.error").write_text(f"{time.time()} {type(err).__name__}: {err}")
             raise
         report.start, report.end, report.spans = begin, time.time(), ctx.tracer.spans
-        report.peak_rss_mb = peak_rss_mb()
+        report.peak_rss_mb = rss_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         reports: List[WorkerReport] = [report]
         if group is not None:
             gathered: Optional[List[Any]] = [None] * world if rank == 0 else None
@@ -257,18 +266,6 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
         if group is not None:
             dist.destroy_process_group()
         torch.set_num_threads(previous_threads)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _write_library(out_dir: str, config: Config, world: int, num_blocks: int, reports: List[WorkerReport],
@@ -301,7 +298,7 @@ def _write_library(out_dir: str, config: Config, world: int, num_blocks: int, re
         "wall_time_s": wall_s,
         "train_time_s": max(r.end for r in reports) - min(r.start for r in reports),
         "ranks": [{"rank": r.rank, "label": r.label, "train_time_s": r.end - r.start,
-                   "peak_rss_mb": r.peak_rss_mb,
+                   "peak_rss_mb": r.peak_rss_mb, "rss_mb_per_epoch": r.rss_mb_per_epoch,
                    "busy_fraction": busy_fraction(r.spans, r.start, r.end) if r.spans else None}
                   for r in sorted(reports, key=lambda r: r.rank)],
     }

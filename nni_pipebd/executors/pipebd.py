@@ -152,6 +152,7 @@ class PipeBDExecutor(Executor):
                 if done % steps == 0:
                     for block_report in report.blocks.values():
                         block_report.end_epoch()
+                    report.end_epoch()
                 if checkpoints.due(done):
                     checkpoints.save(done, stage_state(trainers, report))
         if sender is not None:

@@ -56,6 +56,7 @@ class ReferenceExecutor(Executor):
                 if done % steps == 0:
                     for block_report in report.blocks.values():
                         block_report.end_epoch()
+                    report.end_epoch()
                 if checkpoints.due(done):
                     checkpoints.save(done, stage_state(trainers, report))
         for i, trainer in enumerate(trainers):

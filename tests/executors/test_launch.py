@@ -67,3 +67,23 @@ def test_pipebd_bad_boundaries_named(tmp_path):
     config = tiny_config(tmp_path, execution={"executor": "pipebd", "workers": 2, "boundaries": [0, 7]})
     with pytest.raises(ValueError, match=r"boundaries \[0, 7\] must start at 0.*below the 5 blocks"):
         train(config, tmp_path / "out")
+
+
+def test_port_in_use_is_named(tmp_path, monkeypatch):
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        config = tiny_config(tmp_path, execution={"executor": "dp", "timeout_s": 20})
+        with pytest.raises(RuntimeError, match=rf"could not join the process group at 127.0.0.1:{port}.*in use"):
+            train(config, tmp_path / "out")
+        assert not (tmp_path / "out" / "library.json").exists()
+    finally:
+        holder.close()
