@@ -44,7 +44,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume and args.out and Path(args.resume) != Path(args.out):
         raise ValueError(f"--resume {args.resume} and --out {args.out} name different folders; give one")
     out = Path(args.resume or args.out or f"runs/{Path(args.config).stem}-{config.execution.executor}")
-    manifest = train(config, out, overwrite=args.overwrite, trace=args.trace, resume=bool(args.resume))
+    trace = args.trace or str(out / "trace.json")
+    manifest = train(config, out, overwrite=args.overwrite, trace=trace, resume=bool(args.resume),
+                     progress=not args.quiet)
     if manifest is None:  # a torchrun rank other than 0
         return 0
     final = [round(block["losses"][-1], 6) if block["losses"] else None for block in manifest["blocks"]]
@@ -147,6 +149,22 @@ def _set_threads(threads: Optional[int]) -> None:
         torch.set_num_threads(threads)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import format_summary, run_demo
+
+    summary = run_demo(args.config, args.out, workers=args.workers, finetune_epochs=args.finetune_epochs,
+                       progress=not args.quiet)
+    print(format_summary(summary))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report.report import write_report
+
+    print(write_report(args.directory, args.out))
+    return 0
+
+
 def _int_list(text: str, flag: str) -> List[int]:
     try:
         return [int(v) for v in text.split(",")]
@@ -176,7 +194,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="pipebd: barrier across stages before every step (teacher relaying only)")
     train.add_argument("--plan", help="pipebd: 'auto' (profile + solve, hybrid stages) or a plan JSON file")
     train.add_argument("--memory-limit", type=float, help="pipebd --plan auto: MB per device")
-    train.add_argument("--trace", help="write the per-rank timeline to this Chrome-trace JSON file")
+    train.add_argument("--trace", help="per-rank timeline as a Chrome trace (default: OUT/trace.json)")
     train.add_argument("--json", action="store_true", help="print a JSON summary")
     train.set_defaults(func=_train)
 
@@ -194,6 +212,18 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--out", help="write the plan JSON here (for train --plan FILE)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=_plan)
+
+    demo = commands.add_parser("demo", help="the whole flow on digits: Pipe-BD vs dp, search, finetune, report")
+    demo.add_argument("--config", help="job file (default: examples/digits/config.yaml)")
+    demo.add_argument("--out", default="runs/demo", help="output folder (replaced)")
+    demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--finetune-epochs", type=int, default=2)
+    demo.set_defaults(func=_demo)
+
+    report = commands.add_parser("report", help="write a Markdown report with plots for a run folder")
+    report.add_argument("directory", help="a block library folder (with trace.json, plan.json, scores.json, ...)")
+    report.add_argument("--out", help="report folder (default DIRECTORY/report)")
+    report.set_defaults(func=_report)
 
     search = commands.add_parser("search", help="search a block library for architectures within a budget")
     search.add_argument("library", help="block library folder (written by `nni-pipebd train`)")

@@ -12,6 +12,7 @@ import torch
 
 from ..config import Config
 from ..job import Job
+from ..report.progress import ProgressWriter
 from ..report.trace import Tracer
 from .checkpoint import Checkpointer, common_step, load_checkpoint
 
@@ -33,6 +34,7 @@ class WorkerContext:
     out_dir: Optional[str] = None
     resume: bool = False
     role_dir: Optional[str] = None
+    progress: ProgressWriter = field(default_factory=lambda: ProgressWriter(None, 0))
 
     def announce(self, role: str) -> None:
         """Tell the launcher what this rank does (named if the rank fails)."""

@@ -19,7 +19,8 @@ __all__ = ["DataParallelExecutor", "train_block_on_prefix"]
 
 def train_block_on_prefix(ctx: WorkerContext, job: Job, index: int, report: WorkerReport, rank: int = 0,
                           world: int = 1, hook=None, group=None, scale: float = 1.0, checkpoint=None,
-                          start: Optional[dict] = None, step_base: int = 0) -> BlockTrainer:
+                          start: Optional[dict] = None, step_base: int = 0,
+                          progress_total: Optional[int] = None) -> BlockTrainer:
     """Train block ``index`` for all epochs, re-running teacher blocks 0..index on every batch (shard).
 
     ``report.blocks[index]`` collects the losses. ``checkpoint(steps_done, trainer)`` is called after every
@@ -60,6 +61,7 @@ def train_block_on_prefix(ctx: WorkerContext, job: Job, index: int, report: Work
                 trainer.apply(loss)
             block_report.add(float(loss))
             done += 1
+            ctx.progress.update(step_base + done, progress_total or job.steps_per_block, report.label)
             if done % steps == 0:
                 block_report.end_epoch()
                 report.end_epoch()
@@ -111,7 +113,7 @@ class DataParallelExecutor(Executor):
 
             start = state["trainers"][i] if state is not None and i == done // spb and done % spb else None
             trainer = train_block_on_prefix(ctx, job, i, report, ctx.rank, world, hook, ctx.group, weight,
-                                            checkpoint, start, i * spb)
+                                            checkpoint, start, i * spb, job.num_blocks * spb)
             if ctx.rank == 0:
                 save_block(i, trainer.state_dict())
             if checkpoints.every:  # the block is saved: a resume starts with the next one

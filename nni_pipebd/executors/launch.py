@@ -21,6 +21,7 @@ from ..config import Config
 from ..job import build_job
 from ..library import atomic_save, block_path, load_manifest, remove_stale, write_manifest, MANIFEST
 from ..spec.pretrain import prepare_teacher
+from ..report.progress import ProgressBars, ProgressWriter
 from ..report.trace import Tracer, busy_fraction, write_chrome_trace
 from .base import WorkerContext, WorkerReport, get_executor, rss_mb
 from .checkpoint import CHECKPOINTS, CheckpointError
@@ -40,7 +41,8 @@ def under_torchrun() -> bool:
 
 
 def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
-          trace: Union[str, Path, None] = None, resume: bool = False) -> Optional[Dict[str, Any]]:
+          trace: Union[str, Path, None] = None, resume: bool = False,
+          progress: bool = False) -> Optional[Dict[str, Any]]:
     """Train the block library described by ``config`` into ``out_dir``.
 
     Runs ``config.execution.workers`` workers of ``config.execution.executor``: in this process when one
@@ -60,6 +62,8 @@ def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
     resume : bool
         Continue the interrupted run in ``out_dir`` from its latest checkpoint (same config required); the
         result equals an uninterrupted run.
+    progress : bool
+        Draw a progress bar per worker (in this process only; workers never write to the terminal).
     """
     executor_cls = get_executor(config.execution.executor)
     world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else config.execution.workers
@@ -81,10 +85,12 @@ def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
     if under_torchrun():
         _worker(int(os.environ["RANK"]), world, config, str(out_dir), "env://", options)
     elif world == 1 and not executor_cls.needs_process_group:
-        _worker(0, 1, config, str(out_dir), None, options)
+        with tempfile.TemporaryDirectory(prefix="nni_pipebd_progress_") as folder:
+            with ProgressBars(folder, 1, enabled=progress):
+                _worker(0, 1, config, str(out_dir), None, {**options, "progress_dir": folder})
     else:
         executor_cls(config).check(world, build_job(config).num_blocks)  # fail here, not in every worker
-        _spawn(world, config, out_dir, options)
+        _spawn(world, config, out_dir, options, progress)
     return load_manifest(out_dir) if rank == 0 else None
 
 
@@ -129,17 +135,18 @@ def _changed_keys(before: Dict[str, Any], after: Dict[str, Any], where: str = ""
     return keys
 
 
-def _spawn(world: int, config: Config, out_dir: Path, options: Dict[str, Any]) -> None:
+def _spawn(world: int, config: Config, out_dir: Path, options: Dict[str, Any], progress: bool = False) -> None:
     """Start ``world`` workers; if one fails, the others are stopped and the root cause is named."""
     rendezvous = tempfile.mkdtemp(prefix="nni_pipebd_rdzv_")
-    options = {**options, "role_dir": rendezvous}
+    options = {**options, "role_dir": rendezvous, "progress_dir": rendezvous}
     try:
         init = f"file://{os.path.join(rendezvous, 'store')}"
         context = mp.start_processes(_worker, args=(world, config, str(out_dir), init, options), nprocs=world,
                                      join=False, start_method="spawn")
         try:
-            while not context.join():
-                pass
+            with ProgressBars(rendezvous, world, enabled=progress):
+                while not context.join(timeout=1.0):
+                    pass
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
             exit_codes = {rank: process.exitcode for rank, process in enumerate(context.processes)}
             raise WorkerError(_diagnose(rendezvous, world, exit_codes, err)
@@ -236,7 +243,8 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
         executor = get_executor(config.execution.executor)(config)
         executor.check(world, job.num_blocks)
         ctx = WorkerContext(rank, world, local_rank, device, timeout, group, Tracer(enabled=trace is not None),
-                            out_dir, bool(options.get("resume")), options.get("role_dir"))
+                            out_dir, bool(options.get("resume")), options.get("role_dir"),
+                            ProgressWriter(options.get("progress_dir"), rank))
         if group is not None:
             dist.barrier(group=group)  # start the clocks together
 

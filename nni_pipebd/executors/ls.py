@@ -43,6 +43,8 @@ class TaskParallelExecutor(Executor):
         mine = block_assignment(job, ctx.world_size)[ctx.rank]
         report = WorkerReport(ctx.rank, label=f"rank {ctx.rank}: blocks {mine}")
         ctx.announce(report.label)
-        for i in mine:
-            save_block(i, train_block_on_prefix(ctx, job, i, report).state_dict())
+        spb = job.steps_per_block
+        for n, i in enumerate(mine):
+            trainer = train_block_on_prefix(ctx, job, i, report, step_base=n * spb, progress_total=len(mine) * spb)
+            save_block(i, trainer.state_dict())
         return report

@@ -149,6 +149,7 @@ class PipeBDExecutor(Executor):
                         trainer.apply(loss)
                         report.blocks[trainer.index].add(float(loss))
                 done += 1
+                ctx.progress.update(done, epochs * steps, report.label)
                 if done % steps == 0:
                     for block_report in report.blocks.values():
                         block_report.end_epoch()

@@ -53,6 +53,7 @@ class ReferenceExecutor(Executor):
                         report.blocks[i].add(trainer.step(x, y))
                     x = y
                 done += 1
+                ctx.progress.update(done, job.config.distill.epochs * steps, report.label)
                 if done % steps == 0:
                     for block_report in report.blocks.values():
                         block_report.end_epoch()

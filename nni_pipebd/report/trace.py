@@ -17,10 +17,11 @@ Span = Tuple[float, float, str]
 
 
 class Tracer:
-    """Records spans (wall-clock seconds) of one worker; disabled tracers cost one branch per span."""
+    """Records spans (wall-clock seconds) of one worker, at most ``max_spans`` (the start of a long run);
+    disabled tracers cost one branch per span."""
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, enabled: bool = True, max_spans: int = 200_000):
+        self.enabled, self.max_spans = enabled, max_spans
         self.spans: List[Span] = []
 
     @contextmanager
@@ -33,7 +34,8 @@ class Tracer:
         try:
             yield
         finally:
-            self.spans.append((start, time.time(), kind))
+            if len(self.spans) < self.max_spans:
+                self.spans.append((start, time.time(), kind))
 
 
 def busy_fraction(spans: Sequence[Span], start: float, end: float, busy: Sequence[str] = ("data", "teacher",
