@@ -6,14 +6,14 @@ import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from nni.nas.nn.pytorch import LayerChoice, ModelSpace
 
-__all__ = ["MBConv", "BlockGeometry", "DnaBlock", "StudentSpace", "candidate_name", "SKIP"]
+__all__ = ["MBConv", "BlockGeometry", "DnaBlock", "StudentSpace", "candidate_name", "path_choices", "SKIP"]
 
 _logger = logging.getLogger(__name__)
 
@@ -181,7 +181,3 @@ def path_choices(blocks: Sequence[nn.Module]) -> Dict[str, List[str]]:
         choices.update(getattr(block, "choices", {}))
     return choices
 
-
-def first_candidate_path(blocks: Sequence[nn.Module], position: int = 0) -> Optional[Dict[str, str]]:
-    """The path taking candidate ``position`` (clipped) in every layer, for shape sweeps."""
-    return {label: names[min(position, len(names) - 1)] for label, names in path_choices(blocks).items()}
