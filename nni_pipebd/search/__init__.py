@@ -1,5 +1,7 @@
 """Search on a block library: DNA ranking + exact constrained search, DONNA predictor + NSGA-II, finetuning."""
 
+from __future__ import annotations
+
 from .compress import compress, compression_report
 from .constrained import dna_search
 from .costs import Budget, parse_budget

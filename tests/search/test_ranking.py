@@ -71,7 +71,7 @@ def test_score_matches_a_hand_computation(library):
     assert entry["nsr"] == pytest.approx(float((out - target).pow(2).sum() / target.pow(2).sum()), rel=1e-5)
 
 
-def test_scores_are_reused_only_with_the_same_settings(library, caplog):
+def test_scores_are_reused_only_with_the_same_settings(library):
     first = rank_library(library, FAST, force=True)
     again = rank_library(library, FAST)
     assert again["time_s"] == first["time_s"]  # read back, not recomputed
