@@ -1,14 +1,30 @@
 """nni_pipebd: Pipe-BD blockwise-distillation NAS for NNI — teacher relaying, decoupled updates, hybrid distribution."""
 
-from .config import Config, ConfigError, load_config
-from .executors.base import Executor, executor_names, get_executor, register
-from .executors.launch import WorkerError, train
-from .job import Job, build_job
-from .spaces.dna import DnaBlock, StudentSpace
-from .spec.blocks import BlockSpec, ShapeMismatchError
+from importlib import import_module
+from typing import Any, List
 
-__all__ = [
-    "Config", "ConfigError", "load_config", "train", "WorkerError", "Job", "build_job", "BlockSpec",
-    "ShapeMismatchError", "DnaBlock", "StudentSpace", "Executor", "register", "get_executor", "executor_names",
-]
+from .config import Config, ConfigError, load_config
+
+# Everything else loads on first use: importing the package (e.g. NNI's tuner process, which must connect to
+# the NNI manager within 10 s) must not pull in torch.
+_LAZY = {
+    "train": "executors.launch", "WorkerError": "executors.launch", "Job": "job", "build_job": "job",
+    "BlockSpec": "spec.blocks", "ShapeMismatchError": "spec.blocks", "DnaBlock": "spaces.dna",
+    "StudentSpace": "spaces.dna", "Executor": "executors.base", "register": "executors.base",
+    "get_executor": "executors.base", "executor_names": "executors.base",
+}
+
+__all__ = ["Config", "ConfigError", "load_config", *_LAZY]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -140,6 +140,29 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nni_meta(args: argparse.Namespace) -> int:
+    from .nni import meta_path
+
+    print(meta_path())
+    return 0
+
+
+def _nni_space(args: argparse.Namespace) -> int:
+    from .job import build_job
+    from .nni.evaluator import resolve_config, structure_config
+    from .nni.space import legacy_search_space
+    from .spaces.dna import path_choices
+
+    choices = path_choices(list(build_job(structure_config(resolve_config(args.config))).space.blocks))
+    text = json.dumps(legacy_search_space(choices), indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        _logger.info("search space (%d layer choices) written to %s", len(choices), args.out)
+    else:
+        print(text)
+    return 0
+
+
 def _set_threads(threads: Optional[int]) -> None:
     if threads is not None:
         if threads < 1:
@@ -263,6 +286,14 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--save-model", help="write the finetuned network's state_dict there")
     tune.add_argument("--json", action="store_true", help="print the result as JSON")
     tune.set_defaults(func=_finetune)
+
+    meta = commands.add_parser("nni-meta", help="print the path of the tuner's meta file for `nnictl algo register --meta`")
+    meta.set_defaults(func=_nni_meta)
+
+    space = commands.add_parser("nni-space", help="print the job's search space as NNI JSON (nnictl searchSpaceFile)")
+    space.add_argument("config", help="YAML job file")
+    space.add_argument("--out", help="write the JSON there instead of printing it")
+    space.set_defaults(func=_nni_space)
     return parser
 
 

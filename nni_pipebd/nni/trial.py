@@ -1,0 +1,80 @@
+"""Trial entry point for ``nnictl`` experiments: ``python -m nni_pipebd.nni.trial`` (parameters from BlockwiseTuner)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+__all__ = ["run_trial", "main"]
+
+_logger = logging.getLogger(__name__)
+
+
+def run_trial(params: Mapping[str, Any]) -> Dict[str, Any]:
+    """Run the trial ``params`` describes and report its metrics to NNI (when inside a trial).
+
+    Parameters
+    ----------
+    params : dict
+        ``{"task": "distill", "evaluator": {...}}`` or ``{"task": "evaluate", "sample": {...}, "evaluator": {...},
+        "role": ..., "rank": ...}``; ``evaluator`` holds :class:`~nni_pipebd.nni.evaluator.BlockwiseDistillation`
+        arguments.
+
+    Returns
+    -------
+    dict
+        The library manifest (``distill``) or the finetuning result (``evaluate``).
+
+    Raises
+    ------
+    ValueError
+        ``params`` is not one of these forms.
+    """
+    from .evaluator import BlockwiseDistillation
+    from .tuner import TASKS
+
+    if not isinstance(params, Mapping) or params.get("task") not in TASKS or not isinstance(params.get("evaluator"),
+                                                                                           Mapping):
+        raise ValueError(f"trial parameters must be a dict with 'task' in {list(TASKS)} and 'evaluator' (the "
+                         f"BlockwiseTuner's parameters); got {str(params)[:300]}")
+    evaluator = BlockwiseDistillation(**params["evaluator"])
+    if params["task"] == "distill":
+        return evaluator.distill()
+    if not isinstance(params.get("sample"), Mapping):
+        raise ValueError(f"an evaluate trial needs 'sample' ({{label: candidate}}); got {params.get('sample')!r}")
+    _logger.info("evaluating %s architecture #%s: %s", params.get("role", "candidate"), params.get("rank", "?"),
+                 params["sample"])
+    return evaluator.evaluate_architecture(params["sample"])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Read the parameters (from NNI, or ``--params FILE`` to rerun a trial by hand), run the trial."""
+    parser = argparse.ArgumentParser(prog="python -m nni_pipebd.nni.trial", description=__doc__)
+    parser.add_argument("--params", help="JSON file with a trial's parameters (runs without NNI; nothing reported)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.params:
+        params = json.loads(Path(args.params).read_text())
+    else:
+        import nni
+
+        from .compat import patch_json_comments
+
+        patch_json_comments()
+        params = nni.get_next_parameter()
+        if params is None:
+            raise SystemExit("no trial parameters: run under nnictl with the BlockwiseTuner, or pass --params FILE")
+        _logger.info("NNI trial %s (experiment %s): task %r, CUDA_VISIBLE_DEVICES=%r", nni.get_trial_id(),
+                     nni.get_experiment_id(), params.get("task") if isinstance(params, dict) else None,
+                     os.environ.get("CUDA_VISIBLE_DEVICES"))
+    run_trial(params)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

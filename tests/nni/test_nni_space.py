@@ -1,0 +1,84 @@
+"""Layer choices from NNI spaces and search-space dicts; mismatches name the labels."""
+
+import pytest
+
+from conftest import tiny_config
+from nni_pipebd.job import build_job
+from nni_pipebd.nni.space import SpaceMismatchError, check_space, legacy_search_space, space_choices
+
+LABELS = ["s0_i0", "s1_i0", "s1_i1", "s2_i0", "s2_i1", "s3_i0", "s3_i1"]
+
+
+@pytest.fixture(scope="module")
+def choices():
+    return space_choices(build_job(tiny_config()).space)
+
+
+def test_choices_of_the_student_space(choices):
+    assert sorted(choices) == LABELS
+    assert all(names == ["k3e2", "k5e2"] for names in choices.values())
+
+
+def test_legacy_dict_round_trip(choices):
+    legacy = legacy_search_space(choices)
+    assert legacy["s0_i0"] == {"_type": "choice", "_value": ["k3e2", "k5e2"]}
+    assert space_choices(legacy) == choices
+    assert space_choices({k: list(v) for k, v in choices.items()}) == choices
+
+
+def test_mismatch_names_labels_and_candidates(choices):
+    given = {k: v for k, v in choices.items() if k != "s3_i1"}
+    given["s9_i0"] = ["k3e2"]
+    given["s1_i0"] = ["k3e2", "k7e2"]
+    with pytest.raises(SpaceMismatchError) as info:
+        check_space(given, choices)
+    err = info.value
+    assert err.only_given == ["s9_i0"] and err.only_library == ["s3_i1"]
+    assert err.different == {"s1_i0": (["k3e2", "k7e2"], ["k3e2", "k5e2"])}
+    assert "s9_i0" in str(err) and "s3_i1" in str(err) and "k7e2" in str(err) and "student_space()" in str(err)
+
+
+def test_candidate_order_does_not_matter(choices):
+    check_space({k: list(reversed(v)) for k, v in choices.items()}, choices)
+
+
+def test_bad_search_space_entries():
+    with pytest.raises(SpaceMismatchError, match="s0_i0"):
+        space_choices({"s0_i0": {"_type": "uniform", "_value": [0, 1]}})
+    with pytest.raises(SpaceMismatchError, match="lr"):
+        space_choices({"lr": [0.1, 0.01]})
+    with pytest.raises(TypeError, match="legacy search-space dict"):
+        space_choices(42)
+
+
+def test_a_space_with_other_mutables_is_rejected():
+    import nni
+    from nni.nas.nn.pytorch import ModelSpace
+
+    class Space(ModelSpace):
+        def __init__(self):
+            super().__init__()
+            self.width = self.add_mutable(nni.choice("width", [8, 16]))
+
+    with pytest.raises(SpaceMismatchError, match="width"):
+        space_choices(Space())
+
+
+def test_cli_writes_the_search_space_and_names_the_meta_file(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from nni_pipebd.cli import main
+
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path).to_dict()))
+    out = tmp_path / "space.json"
+    assert main(["nni-space", str(config), "--out", str(out)]) == 0
+    space = json.loads(out.read_text())
+    assert sorted(space) == LABELS and space["s2_i1"] == {"_type": "choice", "_value": ["k3e2", "k5e2"]}
+    assert main(["nni-meta"]) == 0
+    from pathlib import Path
+
+    meta = yaml.safe_load(Path(capsys.readouterr().out.strip()).read_text())
+    assert meta == {"algoType": "tuner", "builtinName": "PipeBD", "className": "nni_pipebd.nni.tuner.BlockwiseTuner"}

@@ -1,0 +1,143 @@
+"""NasExperiment with BlockwiseDNA / BlockwiseDONNA: in-process (sequential engine) and on NNI's training service."""
+
+import pytest
+import torch
+
+from nni.nas.execution import SequentialExecutionEngine
+from nni.nas.experiment import NasExperiment, NasExperimentConfig
+from nni.nas.space import ModelStatus, RawFormatModelSpace
+
+from conftest import tiny_config
+from nni_helpers import RANKING, assert_released, free_port, isolate_nni, tiny_evaluator
+from nni_pipebd.nni import (ArchitectureModel, BlockwiseDistillation, BlockwiseDNA, BlockwiseDONNA,
+                            BudgetExhaustedError, SpaceMismatchError)
+from nni_pipebd.nni.compat import json_comments_patched, unpatch_json_comments
+
+
+def _sequential(tmp_path):
+    config = NasExperimentConfig("sequential", "raw")
+    config.experiment_working_directory = str(tmp_path / "experiments")
+    return config
+
+
+def _run(experiment, port=None):
+    try:
+        if port is None:
+            experiment.run()
+        else:
+            experiment.run(port=port)
+        return experiment.export_top_models(top_k=5, formatter="dict"), list(experiment.export_top_models(top_k=5))
+    finally:
+        experiment.stop()
+
+
+def _check_exported(samples, models, space, top_k):
+    assert 1 <= len(samples) <= top_k and samples == [m.sample for m in models]
+    metrics = [m.metric for m in models]
+    assert metrics == sorted(metrics, reverse=True) and all(0.0 <= m <= 1.0 for m in metrics)
+    x = torch.randn(3, 3, 16, 16)
+    for sample, model in zip(samples, models):
+        assert isinstance(model, ArchitectureModel) and model.status == ModelStatus.Trained
+        assert len(model.metrics.intermediates) == 1  # one finetuning epoch
+        net = space.freeze(sample)
+        assert net(x).shape == (3, 10)
+        assert model.executable_model()(x).shape == (3, 10)
+
+
+@pytest.mark.timeout(300)
+def test_dna_in_process(tmp_path, monkeypatch):
+    isolate_nni(tmp_path, monkeypatch)
+    evaluator = tiny_evaluator(tmp_path)
+    space = evaluator.student_space()
+    strategy = BlockwiseDNA("params=1M", top_k=2, ranking=RANKING)
+    samples, models = _run(NasExperiment(space, evaluator, strategy, _sequential(tmp_path)))
+    _check_exported(samples, models, space, 2)
+    assert len(samples) == 2 and strategy.phase == "done"
+    assert (evaluator.library_dir / "library.json").is_file() and (evaluator.library_dir / "nni_search.json").is_file()
+    assert [m.search["score"] for m in models] != []
+
+    resumed = BlockwiseDNA("params=1M", top_k=2, ranking=RANKING)
+    engine = SequentialExecutionEngine()
+    resumed.initialize(RawFormatModelSpace(space, evaluator), engine)
+    resumed.load_state_dict(strategy.state_dict())
+    stamp = (evaluator.library_dir / "block_0.pt").stat().st_mtime_ns
+    resumed.run()
+    assert list(engine.list_models()) == []  # nothing left to distil or evaluate
+    assert [m.sample for m in resumed.list_models()] == samples
+    assert (evaluator.library_dir / "block_0.pt").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.timeout(300)
+def test_donna_in_process(tmp_path, monkeypatch):
+    isolate_nni(tmp_path, monkeypatch)
+    evaluator = tiny_evaluator(tmp_path)
+    space = evaluator.student_space()
+    strategy = BlockwiseDONNA("params=1M", top_k=2, predictor_archs=3, ranking=RANKING, population=8, generations=3)
+    samples, models = _run(NasExperiment(space, evaluator, strategy, _sequential(tmp_path)))
+    _check_exported(samples, models, space, 2)
+    assert all("predicted_accuracy" in m.search for m in models)
+    state = strategy.state_dict()
+    assert len(state["predictor"]["accuracies"]) == 3 and state["phase"] == "done"
+    assert sum(m["role"] == "predictor" for m in state["models"]) == 3
+
+
+@pytest.mark.timeout(300)
+def test_nni_random_strategy_evaluates_from_the_library(tmp_path, monkeypatch):
+    from nni.nas.strategy import Random
+
+    isolate_nni(tmp_path, monkeypatch)
+    evaluator = tiny_evaluator(tmp_path)
+    evaluator.distill()
+    config = _sequential(tmp_path)
+    config.max_trial_number = 2
+    space = evaluator.student_space()
+    experiment = NasExperiment(space, evaluator, Random(dedup=True), config)
+    try:
+        experiment.run()
+        models = experiment.export_top_models(top_k=2)
+    finally:
+        experiment.stop()
+    assert len(models) == 2 and all(0.0 <= m.metric <= 1.0 for m in models)
+    assert space.freeze(models[0].sample)(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_space_and_budget_are_checked(tmp_path):
+    evaluator = tiny_evaluator(tmp_path)
+    other = BlockwiseDistillation(tiny_config(tmp_path, model={"student": {"kernels": [3, 7]}}), str(tmp_path / "x"))
+    with pytest.raises(SpaceMismatchError, match=r"s0_i0: candidates \['k3e2', 'k7e2'\]"):
+        BlockwiseDNA("params=1M").initialize(RawFormatModelSpace(other.student_space(), evaluator),
+                                             SequentialExecutionEngine())
+    with pytest.raises(TypeError, match="BlockwiseDistillation"):
+        BlockwiseDNA("params=1M").initialize(RawFormatModelSpace(evaluator.student_space(), None),
+                                             SequentialExecutionEngine())
+    with pytest.raises(BudgetExhaustedError, match="raise it to 6"):
+        BlockwiseDONNA("params=1M", top_k=2, predictor_archs=3).initialize(
+            RawFormatModelSpace(evaluator.student_space(), evaluator), SequentialExecutionEngine(max_model_count=5))
+    with pytest.raises(ValueError, match="budget"):
+        BlockwiseDNA("params=lots")
+
+
+@pytest.mark.timeout(420)
+def test_dna_on_the_training_service(tmp_path, monkeypatch):
+    """The default NasExperiment config: NNI manager, local training service, trials in their own processes."""
+    isolate_nni(tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    unpatch_json_comments()
+    evaluator = tiny_evaluator(tmp_path)
+    space = evaluator.student_space()
+    experiment = NasExperiment(space, evaluator, BlockwiseDNA("params=1M", top_k=2, ranking=RANKING))
+    experiment.config.experiment_working_directory = str(tmp_path / "experiments")
+    experiment.config.trial_concurrency = 2
+    port = free_port()
+    try:
+        experiment.run(port=port)
+        trials = experiment.list_trial_jobs()
+        samples = experiment.export_top_models(top_k=5, formatter="dict")
+        models = list(experiment.export_top_models(top_k=5))
+    finally:
+        experiment.stop()
+    assert_released(port)
+    assert json_comments_patched()  # the strategy patched the loader for the websocket channel
+    assert len(trials) == 3 and all(t.status == "SUCCEEDED" for t in trials)
+    _check_exported(samples, models, space, 2)
+    assert len(samples) == 2
