@@ -240,7 +240,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="job file (default: examples/digits/config.yaml)")
     demo.add_argument("--out", default="runs/demo", help="output folder (replaced)")
     demo.add_argument("--workers", type=int, default=2)
-    demo.add_argument("--finetune-epochs", type=int, default=2)
+    demo.add_argument("--finetune-epochs", type=int, default=8)
     demo.set_defaults(func=_demo)
 
     report = commands.add_parser("report", help="write a Markdown report with plots for a run folder")

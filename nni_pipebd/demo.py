@@ -21,7 +21,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "digits" / "
 
 
 def run_demo(config_path: Union[str, Path, None] = None, out: Union[str, Path] = "runs/demo", *, workers: int = 2,
-             budget_ratio: float = 0.6, finetune_epochs: int = 2, progress: bool = True,
+             budget_ratio: float = 0.6, finetune_epochs: int = 8, progress: bool = True,
              overwrite: bool = True) -> Dict[str, Any]:
     """Run the whole flow on the digits example and return (and write ``summary.json``) its figures.
 
