@@ -21,6 +21,7 @@ from ..job import build_job
 from ..plan.plan import Plan
 from ..plan.profiler import LinkModel, Profile, load_or_none, profile_job, profile_key
 from ..plan.solver import solve
+from .launch import resolve_device
 
 __all__ = ["cache_path", "get_profile", "auto_plan", "measure_links"]
 
@@ -35,13 +36,6 @@ def cache_path(key: str) -> Path:
     return root / "profiles" / f"{key}.json"
 
 
-def _device(config: Config) -> torch.device:
-    kind = config.execution.device
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device("cuda", 0) if kind == "cuda" else torch.device("cpu")
-
-
 def get_profile(config: Config, workers: int, path: Union[str, Path, None] = None) -> Profile:
     """The job's profile for up to ``workers`` devices per stage: reused from ``path`` (or the cache) when its key
     matches, else measured (each block at every per-device batch; links with ``min(workers, cores)`` workers)."""
@@ -50,7 +44,7 @@ def get_profile(config: Config, workers: int, path: Union[str, Path, None] = Non
     torch.set_num_threads(threads)  # measure as a worker will run
     try:
         job = build_job(config)
-        device = _device(config)
+        device = resolve_device(config)
         key = profile_key(job, workers, device)
         path = Path(path) if path is not None else cache_path(key)
         profile = load_or_none(path, key)
@@ -78,7 +72,7 @@ def auto_plan(config: Config, workers: int, profile_path: Union[str, Path, None]
 
 def measure_links(config: Config, workers: int) -> Tuple[LinkModel, Dict[int, LinkModel]]:
     """Fit point-to-point and all-reduce (per group size) time models with real worker processes."""
-    device = _device(config)
+    device = resolve_device(config)
     count = min(workers, torch.cuda.device_count() if device.type == "cuda" else (os.cpu_count() or 1))
     count = max(count, 2)
     folder = tempfile.mkdtemp(prefix="nni_pipebd_links_")

@@ -17,7 +17,7 @@ from ..report.trace import Tracer
 from .checkpoint import Checkpointer, common_step, load_checkpoint
 
 __all__ = ["WorkerContext", "BlockReport", "WorkerReport", "Executor", "register", "get_executor",
-           "executor_names", "stage_state", "restore_stage", "rss_mb"]
+           "executor_names", "finish_step", "stage_state", "restore_stage", "rss_mb"]
 
 
 @dataclass
@@ -141,6 +141,18 @@ def rss_mb(field_name: str = "VmRSS") -> float:
     except OSError:
         pass
     return 0.0
+
+
+def finish_step(ctx: WorkerContext, done: int, total: int, steps_per_epoch: int, trainers, report: WorkerReport,
+                checkpoints: Checkpointer) -> None:
+    """Bookkeeping after a worker's ``done``-th step: progress, epoch ends (losses, memory), due checkpoints."""
+    ctx.progress.update(done, total, report.label)
+    if done % steps_per_epoch == 0:
+        for block_report in report.blocks.values():
+            block_report.end_epoch()
+        report.end_epoch()
+    if checkpoints.due(done):
+        checkpoints.save(done, stage_state(trainers, report))
 
 
 def stage_state(trainers, report: WorkerReport) -> dict:

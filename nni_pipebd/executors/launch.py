@@ -194,7 +194,8 @@ def _resume_hint(config: Config, out_dir: Path) -> str:
     return ""
 
 
-def _device(config: Config, local_rank: int) -> torch.device:
+def resolve_device(config: Config, local_rank: int = 0) -> torch.device:
+    """The device of the worker with ``local_rank`` (``execution.device``; ``auto``: CUDA when present)."""
     kind = config.execution.device
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
@@ -215,7 +216,7 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
     options = options or {}
     trace = options.get("trace")
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    device = _device(config, local_rank)
+    device = resolve_device(config, local_rank)
     timeout = datetime.timedelta(seconds=config.execution.timeout_s)
     threads = config.execution.threads_per_worker or (max(1, (os.cpu_count() or 1) // world) if init_method else None)
     previous_threads = torch.get_num_threads()

@@ -14,7 +14,7 @@ from ..job import Job
 from ..plan.cost import job_block_costs
 from ..plan.partition import balanced_boundaries, check_boundaries
 from ..plan.plan import Plan, PlanError, transfers
-from .base import BlockReport, Executor, WorkerContext, WorkerReport, register, restore_stage, stage_state
+from .base import BlockReport, Executor, WorkerContext, WorkerReport, finish_step, register, restore_stage
 from .comm import Receiver, Sender, allreduce_gradients
 from .faults import inject
 from .syncbn import convert_sync_batchnorm
@@ -149,13 +149,7 @@ class PipeBDExecutor(Executor):
                         trainer.apply(loss)
                         report.blocks[trainer.index].add(float(loss))
                 done += 1
-                ctx.progress.update(done, epochs * steps, report.label)
-                if done % steps == 0:
-                    for block_report in report.blocks.values():
-                        block_report.end_epoch()
-                    report.end_epoch()
-                if checkpoints.due(done):
-                    checkpoints.save(done, stage_state(trainers, report))
+                finish_step(ctx, done, epochs * steps, steps, trainers, report, checkpoints)
         if sender is not None:
             with tracer.span("send"):
                 sender.flush()

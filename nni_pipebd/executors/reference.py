@@ -6,7 +6,7 @@ import torch
 
 from ..distill.trainer import BlockTrainer
 from ..job import Job
-from .base import BlockReport, Executor, WorkerContext, WorkerReport, register, restore_stage, stage_state
+from .base import BlockReport, Executor, WorkerContext, WorkerReport, finish_step, register, restore_stage
 from .faults import inject
 
 __all__ = ["ReferenceExecutor"]
@@ -53,13 +53,7 @@ class ReferenceExecutor(Executor):
                         report.blocks[i].add(trainer.step(x, y))
                     x = y
                 done += 1
-                ctx.progress.update(done, job.config.distill.epochs * steps, report.label)
-                if done % steps == 0:
-                    for block_report in report.blocks.values():
-                        block_report.end_epoch()
-                    report.end_epoch()
-                if checkpoints.due(done):
-                    checkpoints.save(done, stage_state(trainers, report))
+                finish_step(ctx, done, job.config.distill.epochs * steps, steps, trainers, report, checkpoints)
         for i, trainer in enumerate(trainers):
             save_block(i, trainer.state_dict())
         return report
