@@ -140,6 +140,42 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _blocks(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from .config import load_config
+    from .data.datasets import build_dataset
+    from .spec.split import trace_model
+    from .spec.teachers import build_teacher
+
+    config = load_config(args.config)
+    dataset = build_dataset(config.data, config.base_dir, "train")
+    sample = torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.distill.seed)
+        shape_only = dataclasses.replace(config.model.teacher, checkpoint=None, weights=None)  # weights not needed
+        model = build_teacher(shape_only, config.base_dir)
+    traced = trace_model(model, sample)
+    default = set(traced.default_positions())
+    chosen = set(default if config.model.teacher.boundaries is None else
+                 (traced.position(b) for b in config.model.teacher.boundaries))
+    points = traced.split_points()
+    total = max(traced.total_macs, 1)
+    width = max([len(p.name) for p in points] + [6])
+    rows = [f"{type(model).__name__} on input {tuple(sample.shape[1:])}: {len(points)} split points, "
+            f"{total / 1e6:.1f} M multiply-accumulates per sample",
+            f"{'name':<{width}}  {'input shape':<18}  {'MACs before':>11}  split"]
+    for point in points:
+        mark = ("used" if point.position in chosen else "") + (" (default)" if point.position in default else "")
+        rows.append(f"{point.name:<{width}}  {str(point.shape):<18}  {100 * point.macs_before / total:10.1f}%  "
+                    f"{mark.strip()}")
+    print("\n".join(rows))
+    print(f"model.teacher.boundaries: {[traced.name_at(p) for p in sorted(chosen)]}")
+    return 0
+
+
 def _nni_meta(args: argparse.Namespace) -> int:
     from .nni import meta_path
 
@@ -220,6 +256,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--trace", help="per-rank timeline as a Chrome trace (default: OUT/trace.json)")
     train.add_argument("--json", action="store_true", help="print a JSON summary")
     train.set_defaults(func=_train)
+
+    blocks = commands.add_parser("blocks", help="list where the teacher can be split (module, shape, cost) and "
+                                                "the blocks the config uses")
+    blocks.add_argument("config", help="YAML job file")
+    blocks.set_defaults(func=_blocks)
 
     profile = commands.add_parser("profile", help="measure per-block time and memory per devices-per-stage")
     profile.add_argument("config")

@@ -25,30 +25,47 @@ class ConfigError(ValueError):
 class TeacherConfig:
     """The pretrained teacher and how it is split into blocks.
 
+    The teacher is one of: ``arch`` (a torchvision classification model or ``digits_cnn``), ``class_path`` (your
+    own callable returning an ``nn.Module``) or ``module`` (a whole model saved with ``torch.save(model, path)``);
+    with none of them, ``mobilenet_v2``.
+
     Parameters
     ----------
-    arch : str
-        ``mobilenet_v2``, ``efficientnet_b0``, ``resnet18`` (torchvision) or ``digits_cnn``.
+    arch : str, optional
+        Any name of ``torchvision.models.list_models()`` (e.g. ``resnet50``, ``regnet_y_400mf``,
+        ``efficientnet_b7``) or ``digits_cnn``.
     num_classes : int
-        Classes of the classifier head.
+        Classes of the classifier head of an ``arch``.
     kwargs : dict
-        Extra keyword arguments of the torchvision constructor (e.g. ``width_mult``).
+        Extra keyword arguments of the ``arch`` constructor (e.g. ``width_mult``).
+    class_path : str, optional
+        ``package.module:function`` or ``package.module.Class`` returning the teacher (a module beside the config
+        file is found too); spawned workers and torchrun ranks rebuild it by import.
+    init_args : dict
+        Keyword arguments of ``class_path``.
+    module : str, optional
+        A file written by ``torch.save(model, path)``: the teacher itself, weights included (its class must be
+        importable). ``train(config, out, teacher=model)`` writes one.
     checkpoint : str, optional
-        Path of a local ``state_dict`` (relative paths are relative to the config file).
+        Path of a local ``state_dict`` for ``arch`` / ``class_path`` (relative paths are relative to the config file).
     weights : str, optional
         Name of torchvision weights (e.g. ``IMAGENET1K_V1``) present in the local torch hub cache.
     train_if_missing : bool
         When ``checkpoint`` does not exist, train the teacher on the configured data and cache it there.
     train_epochs : int
         Epochs of that teacher training.
-    boundaries : list of int, optional
-        Block boundaries as start indices into the teacher's layer list; default: where resolution or
-        width change, with the classifier head as its own last block.
+    boundaries : list of str or int, optional
+        Where blocks 1..N-1 start: module names as in ``named_modules()`` (e.g. ``[layer2, layer3, layer4, avgpool]``),
+        names of functional ops as listed by ``nni-pipebd blocks``, or indices of the model's direct children.
+        Default: at every unit that lowers the resolution, with the classifier head as the last block.
     """
 
-    arch: str = "mobilenet_v2"
+    arch: Optional[str] = None
     num_classes: int = 10
     kwargs: dict = field(default_factory=dict)
+    class_path: Optional[str] = None
+    init_args: dict = field(default_factory=dict)
+    module: Optional[str] = None
     checkpoint: Optional[str] = None
     weights: Optional[str] = None
     train_if_missing: bool = False
@@ -99,14 +116,21 @@ class DataConfig:
 
     Parameters
     ----------
-    name : str
-        ``digits`` (scikit-learn, ships), ``synthetic``, ``cifar10`` (local folder) or ``imagefolder``.
+    name : str, optional
+        ``digits`` (scikit-learn, ships; the default), ``synthetic``, ``cifar10`` (local folder), ``imagefolder``, or
+        a torchvision data set with a ``train`` flag or a ``split`` (e.g. ``MNIST``, ``FashionMNIST``, ``CIFAR100``,
+        ``SVHN``) read from ``root`` — never downloaded.
+    class_path : str, optional
+        Instead of ``name``: ``package.module:function`` returning ``(train_dataset, val_dataset)`` of
+        ``(image tensor [C, H, W], int label)`` items (a module beside the config file is found too).
+    init_args : dict
+        Keyword arguments of ``class_path``.
     root : str, optional
-        Folder of ``cifar10`` / ``imagefolder`` data (relative to the config file).
+        Folder of ``cifar10`` / ``imagefolder`` / torchvision data (relative to the config file).
     image_size : int
-        Side of the (square) input images.
+        Side of the (square) input images (built-in and torchvision data sets).
     channels : int
-        Input channels (digits are grey and replicated to this many channels).
+        Input channels (grey images are replicated to this many channels).
     batch_size : int
         Global batch size of one step (split across a data-parallel group).
     num_samples : int
@@ -115,7 +139,9 @@ class DataConfig:
         Loader worker processes.
     """
 
-    name: str = "digits"
+    name: Optional[str] = None
+    class_path: Optional[str] = None
+    init_args: dict = field(default_factory=dict)
     root: Optional[str] = None
     image_size: int = 32
     channels: int = 3
@@ -253,6 +279,13 @@ class Config:
         path = Path(path).expanduser()
         return path if path.is_absolute() else Path(self.base_dir) / path
 
+    def with_teacher(self, module_file: Union[str, Path]) -> "Config":
+        """A copy whose teacher is the whole model saved in ``module_file`` (see ``spec.teachers.save_teacher_module``)."""
+        teacher = {**self.to_dict()["model"]["teacher"], "arch": None, "class_path": None, "init_args": {},
+                   "kwargs": {}, "checkpoint": None, "weights": None, "train_if_missing": False,
+                   "module": str(Path(module_file).resolve())}
+        return self.replace(model={"teacher": teacher})
+
     def replace(self, **sections: dict) -> "Config":
         """A copy with some fields of some sections changed, e.g. ``execution={"workers": 2}``."""
         raw = self.to_dict()
@@ -277,7 +310,6 @@ def load_config(path: Union[str, Path]) -> Config:
 
 _CHOICES = {
     "model.student.kind": ("dna", "fixed"),
-    "data.name": ("digits", "synthetic", "cifar10", "imagefolder"),
     "distill.loss": ("mse", "nmse"),
     "distill.optimizer": ("sgd", "adam"),
     "distill.schedule": ("cosine", "constant"),
@@ -285,6 +317,7 @@ _CHOICES = {
     "execution.backend": ("auto", "gloo", "nccl"),
     "execution.device": ("auto", "cpu", "cuda"),
 }
+_DATA_NAMES = ("digits", "synthetic", "cifar10", "imagefolder")
 _POSITIVE = (
     "model.teacher.num_classes", "data.image_size", "data.channels", "data.batch_size",
     "data.num_samples", "distill.epochs", "distill.paths_per_step", "execution.workers",
@@ -319,6 +352,34 @@ def validate(config: Config) -> None:
             raise ConfigError(f"model.student.{key} = {values!r} must be a non-empty list of positive ints")
     if any(k % 2 == 0 for k in student.kernels):
         raise ConfigError(f"model.student.kernels = {student.kernels!r} must be odd (same padding)")
+    teacher = config.model.teacher
+    sources = [key for key in ("arch", "class_path", "module") if getattr(teacher, key) is not None]
+    if len(sources) > 1:
+        raise ConfigError(f"model.teacher sets {' and '.join(sources)}; give one of arch, class_path and module")
+    if teacher.init_args and teacher.class_path is None:
+        raise ConfigError(f"model.teacher.init_args = {teacher.init_args!r} is set without class_path; use kwargs "
+                          "for an arch's constructor")
+    if teacher.kwargs and (teacher.class_path or teacher.module):
+        raise ConfigError(f"model.teacher.kwargs = {teacher.kwargs!r} apply to an arch; give a class_path its "
+                          "arguments as init_args")
+    bad = [b for b in teacher.boundaries or [] if isinstance(b, bool) or not isinstance(b, (int, str))]
+    if bad:
+        raise ConfigError(f"model.teacher.boundaries = {teacher.boundaries!r}: {bad} are neither module names nor "
+                          "child indices")
+    if teacher.module is not None and (teacher.checkpoint or teacher.weights):
+        raise ConfigError("model.teacher.module holds the weights already; drop checkpoint / weights")
+    if config.data.name is not None and config.data.class_path is not None:
+        raise ConfigError(f"data.name = {config.data.name!r} and data.class_path = {config.data.class_path!r} both "
+                          "set; give one of them")
+    name = config.data.name
+    if name is not None and name not in _DATA_NAMES:
+        from .data.datasets import torchvision_datasets
+
+        if name.lower() not in torchvision_datasets():
+            raise ConfigError(f"data.name = {name!r} is not valid; choose one of {list(_DATA_NAMES)}, a torchvision "
+                              f"data set with a train flag or split (e.g. MNIST, SVHN), or set data.class_path")
+    if config.data.init_args and config.data.class_path is None:
+        raise ConfigError(f"data.init_args = {config.data.init_args!r} is set without data.class_path")
     if config.data.name in ("cifar10", "imagefolder") and config.data.root is None:
         raise ConfigError(f"data.root must name the {config.data.name} folder (data.name = {config.data.name!r})")
 

@@ -16,7 +16,7 @@ from .data.order import BatchOrder, shard
 from .spaces.builder import build_student
 from .spaces.dna import StudentSpace
 from .spec.blocks import BlockSpec, teacher_shapes
-from .spec.teachers import build_teacher_blocks
+from .spec.teachers import build_teacher, build_teacher_blocks
 
 __all__ = ["Job", "build_job"]
 
@@ -68,11 +68,10 @@ def build_job(config: Config) -> Job:
     """Build data, teacher blocks (weights loaded, frozen) and student blocks from ``config``."""
     dataset = build_dataset(config.data, config.base_dir, "train")
     sample = torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))])
-    t = config.model.teacher
     with torch.random.fork_rng(devices=[]):  # a teacher without weights is still the same in every process
         torch.manual_seed(config.distill.seed)
-        teacher = build_teacher_blocks(t.arch, t.num_classes, t.kwargs, config.resolve_path(t.checkpoint),
-                                       t.weights, t.boundaries, sample)
+        model = build_teacher(config.model.teacher, config.base_dir)
+    teacher, _ = build_teacher_blocks(model, sample, config.model.teacher.boundaries)
     shapes = teacher_shapes(teacher, sample)
     space = build_student(config.model.student, teacher, shapes, config.distill.seed)
     spec = BlockSpec(teacher, list(space.blocks), sample)

@@ -1,9 +1,29 @@
 """Shared fixtures: tiny jobs that run in seconds on CPU."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from nni_pipebd.config import Config
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+# A user's own teacher and data (examples/custom, imported by class_path from the config's folder), made tiny.
+USER_JOB = {
+    "model": {"teacher": {"arch": None, "kwargs": {}, "class_path": "custom_teacher:build",
+                          "init_args": {"num_classes": 10, "in_channels": 1, "width": 4}}},
+    "data": {"name": None, "class_path": "custom_data:digits", "init_args": {"size": 16}},
+}
+
+
+def user_config(**sections) -> Config:
+    """:func:`tiny_config` with the user teacher and data of ``examples/custom`` (the config's folder)."""
+    merged = {key: dict(value) for key, value in USER_JOB.items()}
+    for section, values in sections.items():
+        merged[section] = {**merged.get(section, {}), **values}
+    return tiny_config(EXAMPLES / "custom", **merged)
 
 
 def tiny_config(tmp_path=None, **sections) -> Config:

@@ -72,3 +72,29 @@ def test_train_pipebd_cli_matches_reference(tmp_path):
     assert [r["label"] for r in manifest["ranks"]] == ["stage 0: blocks 0-2", "stage 1: blocks 3-4"]
     assert (tmp_path / "t.json").is_file()
     assert main(["train", str(path), "--executor", "pipebd", "--boundaries", "0,x", "--out", str(b)]) == 2
+
+
+def test_blocks_and_train_with_user_teacher_and_data(tmp_path, capsys):
+    """examples/custom: a class_path teacher and a class_path data set, beside a config in the user's folder."""
+    import shutil
+
+    custom = EXAMPLE.parents[1] / "custom"
+    for module in ("custom_teacher.py", "custom_data.py"):
+        shutil.copy(custom / module, tmp_path / module)
+    raw = yaml.safe_load((custom / "config.yaml").read_text())
+    raw["model"]["teacher"].update(init_args={"in_channels": 1, "width": 4}, train_epochs=1)
+    raw["model"]["teacher"]["boundaries"] = ["stage1", "stage2", "adaptive_avg_pool2d"]
+    raw["data"]["batch_size"] = 16
+    raw["execution"].update(threads_per_worker=1)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["blocks", str(config)]) == 0
+    listing = capsys.readouterr().out
+    assert "TinyResNet on input (1, 16, 16)" in listing
+    assert "model.teacher.boundaries: ['stage1', 'stage2', 'adaptive_avg_pool2d']" in listing
+    out = tmp_path / "lib"
+    assert main(["train", str(config), "--max-steps", "2", "--epochs", "1", "--out", str(out)]) == 0
+    assert (tmp_path / "teacher.pt").is_file()  # trained on the user's data first (train_if_missing)
+    manifest = json.loads((out / "library.json").read_text())
+    assert manifest["num_blocks"] == 4 and manifest["executor"] == "pipebd" and manifest["workers"] == 2
+    assert manifest["config"]["data"]["class_path"] == "custom_data:digits"

@@ -30,7 +30,13 @@ def test_wrong_type_names_key_and_types():
 
 @pytest.mark.parametrize("section,key,value,match", [
     ("distill", "loss", "l1", r"distill\.loss = 'l1'.*'mse', 'nmse'"),
-    ("data", "name", "mnist", r"data\.name = 'mnist'"),
+    ("data", "name", "mnist2", r"data\.name = 'mnist2'.*torchvision data set"),
+    ("data", "class_path", 3, r"data\.class_path = 3 has type int"),
+    ("model", "teacher", {"arch": "resnet18", "class_path": "m:f"}, "sets arch and class_path; give one"),
+    ("model", "teacher", {"init_args": {"a": 1}}, "init_args .* without class_path"),
+    ("model", "teacher", {"class_path": "m:f", "kwargs": {"a": 1}}, "kwargs .* apply to an arch"),
+    ("model", "teacher", {"module": "t.pt", "checkpoint": "c.pt"}, "module holds the weights already"),
+    ("model", "teacher", {"boundaries": ["layer2", 1.5]}, r"\[1\.5\] are neither module names"),
     ("execution", "workers", 0, r"execution\.workers = 0 must be > 0"),
     ("model", "student", {"kernels": [4]}, r"kernels = \[4\] must be odd"),
     ("data", "name", "cifar10", r"data\.root must name"),
@@ -38,6 +44,14 @@ def test_wrong_type_names_key_and_types():
 def test_bad_values(section, key, value, match):
     with pytest.raises(ConfigError, match=match):
         Config.from_dict({section: {key: value}})
+
+
+def test_data_names_and_user_data_keys():
+    assert Config.from_dict({"data": {"name": "MNIST", "root": "x"}}).data.name == "MNIST"
+    with pytest.raises(ConfigError, match="data.name = 'digits' and data.class_path"):
+        Config.from_dict({"data": {"name": "digits", "class_path": "m:f"}})
+    with pytest.raises(ConfigError, match="data.init_args .* without data.class_path"):
+        Config.from_dict({"data": {"init_args": {"n": 1}}})
 
 
 def test_load_config_resolves_relative_paths(tmp_path):

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATASET_NAMES", "SPLITS", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD",
-    "CIFAR10_FILES", "TensorImageDataset", "build_dataset", "make_loader",
+    "CIFAR10_FILES", "TensorImageDataset", "build_dataset", "make_loader", "torchvision_datasets",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ def build_dataset(config: "DataConfig", base_dir: Union[str, Path], split: str =
     Raises
     ------
     ValueError
-        Unknown ``config.name`` or ``split``, a missing ``root``, or unsupported ``channels``.
+        Unknown ``config.name`` or ``split``, a missing ``root``, unsupported ``channels``, or a ``class_path``
+        data set whose items are not ``(image [C, H, W], int label)`` (the message names the data set and sample).
     FileNotFoundError
         The CIFAR-10 or image folder is missing or incomplete (the message gives the layout).
 
@@ -117,25 +118,127 @@ def build_dataset(config: "DataConfig", base_dir: Union[str, Path], split: str =
     * ``imagefolder``: ``torchvision.datasets.ImageFolder`` on ``<root>/train`` or
       ``<root>/val``, resize to ``int(1.14 * image_size)``, center crop, ImageNet mean/std.
       The class list is the train folder's, so labels agree between the splits.
+    * a torchvision data set (``name`` is its class, any case, e.g. ``MNIST``, ``SVHN``): constructed from ``root``
+      with ``train=`` or ``split=`` (``val`` reads ``val``, ``valid`` or ``test``, what the class accepts) and
+      ``download=False``; resized, converted to ``channels`` and normalised to [-1, 1].
+    * ``class_path``: the user's factory is called with ``init_args`` and returns ``(train, val)``; its items are
+      used as they are, after a check of the first and last item of the split.
     """
-    if config.name not in DATASET_NAMES:
-        raise ValueError(f"unknown data set name {config.name!r}; valid names: {list(DATASET_NAMES)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {list(SPLITS)}")
+    if config.class_path is not None:
+        return _build_user_data(config, base_dir, split)
+    name = config.name or "digits"
     if config.image_size <= 0 or config.channels <= 0:
         raise ValueError(f"image_size = {config.image_size} and channels = {config.channels} must be > 0")
-    if config.name == "digits":
+    if name == "digits":
         dataset = _build_digits(config, split)
-    elif config.name == "synthetic":
+    elif name == "synthetic":
         dataset = _build_synthetic(config, split)
+    elif name == "cifar10":
+        dataset = _build_cifar10(config, _resolve_root(config, base_dir), split)
+    elif name == "imagefolder":
+        dataset = _build_imagefolder(config, _resolve_root(config, base_dir), split)
     else:
-        root = _resolve_root(config, base_dir)
-        if config.name == "cifar10":
-            dataset = _build_cifar10(config, root, split)
-        else:
-            dataset = _build_imagefolder(config, root, split)
-    _logger.info("built %s/%s: %d samples of [%d, %d, %d]", config.name, split, len(dataset),
+        dataset = _build_torchvision(config, name, base_dir, split)
+    _logger.info("built %s/%s: %d samples of [%d, %d, %d]", name, split, len(dataset),
                  config.channels, config.image_size, config.image_size)
+    return dataset
+
+
+def torchvision_datasets() -> dict:
+    """Lower-case name -> torchvision data set class, for classes whose constructor takes ``train`` or ``split``."""
+    import inspect
+
+    import torchvision.datasets as tvd
+
+    found = {}
+    for attr in getattr(tvd, "__all__", dir(tvd)):
+        cls = getattr(tvd, attr, None)
+        if isinstance(cls, type) and issubclass(cls, Dataset):
+            params = inspect.signature(cls.__init__).parameters
+            if ("train" in params or "split" in params) and "root" in params:
+                found[attr.lower()] = cls
+    return found
+
+
+def _build_torchvision(config: "DataConfig", name: str, base_dir: Union[str, Path], split: str) -> Dataset:
+    classes = torchvision_datasets()
+    cls = classes.get(name.lower())
+    if cls is None:
+        raise ValueError(f"unknown data set name {name!r}; valid names: {list(DATASET_NAMES)} or a torchvision data "
+                         f"set with a train flag or split ({', '.join(sorted(c.__name__ for c in classes.values()))}); "
+                         "or set data.class_path to your own factory")
+    root = _resolve_root(config, base_dir)
+    _check_rgb_channels(config)
+    steps = [transforms.Resize((config.image_size, config.image_size)),
+             transforms.Grayscale(num_output_channels=config.channels), transforms.ToTensor(),
+             transforms.Normalize((0.5,) * config.channels, (0.5,) * config.channels)]
+    if config.channels == 3:  # colour stays colour; grey images become three equal channels
+        steps[1] = _to_rgb
+    transform = transforms.Compose(steps)
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    attempts = [{"train": split == "train"}] if "train" in params else (
+        [{"split": "train"}] if split == "train" else [{"split": s} for s in ("val", "valid", "test")])
+    if "download" in params:
+        attempts = [{**a, "download": False} for a in attempts]
+    errors = []
+    for kwargs in attempts:
+        try:
+            return cls(str(root), transform=transform, **kwargs)
+        except ValueError as err:  # a split value this class does not know
+            errors.append(f"{kwargs}: {err}")
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+            raise FileNotFoundError(f"torchvision {cls.__name__} ({split}) not found in '{root}' ({err}); place "
+                                    f"the data set's files there as {cls.__name__} expects (it is never "
+                                    "downloaded)") from None
+    raise ValueError(f"torchvision {cls.__name__} has no {split} split ({'; '.join(errors)})")
+
+
+def _to_rgb(image):
+    """A PIL image as RGB (grey images get three equal channels)."""
+    return image.convert("RGB")
+
+
+def _build_user_data(config: "DataConfig", base_dir: Union[str, Path], split: str) -> Dataset:
+    from ..imports import import_object
+
+    factory = import_object(config.class_path, "data.class_path", base_dir)
+    try:
+        result = factory(**dict(config.init_args))
+    except TypeError as err:
+        raise ValueError(f"data.class_path {config.class_path!r} rejects init_args {sorted(config.init_args)}: "
+                         f"{err}") from err
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise ValueError(f"data.class_path {config.class_path!r} returned {type(result).__name__}; it must return "
+                         "(train_dataset, val_dataset)")
+    dataset = result[SPLITS.index(split)]
+    where = f"the {split} data set of {config.class_path!r}"
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise ValueError(f"{where} is a {type(dataset).__name__}, not a map-style Dataset (__getitem__ and __len__)")
+    if len(dataset) == 0:
+        raise ValueError(f"{where} is empty")
+    shapes = set()
+    for index in sorted({0, len(dataset) - 1}):
+        item = dataset[index]
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"{where}: sample {index} is a {type(item).__name__}, not an (image, label) pair")
+        image, label = item
+        if not isinstance(image, Tensor) or image.dim() != 3 or not image.is_floating_point():
+            got = f"a {image.dtype} tensor of shape {tuple(image.shape)}" if isinstance(image, Tensor) else \
+                f"a {type(image).__name__}"
+            raise ValueError(f"{where}: sample {index}'s image is {got}; it must be a float tensor [C, H, W] (add "
+                             "transforms.ToTensor() to the data set)")
+        is_int = isinstance(label, int) and not isinstance(label, bool) or (
+            isinstance(label, Tensor) and label.dim() == 0 and not label.is_floating_point())
+        if not is_int:
+            raise ValueError(f"{where}: sample {index}'s label is {label!r} ({type(label).__name__}); it must be an "
+                             "int class index")
+        shapes.add(tuple(image.shape))
+    if len(shapes) > 1:
+        raise ValueError(f"{where}: samples have different shapes {sorted(shapes)}; resize them to one size")
     return dataset
 
 

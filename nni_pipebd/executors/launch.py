@@ -42,7 +42,7 @@ def under_torchrun() -> bool:
 
 def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
           trace: Union[str, Path, None] = None, resume: bool = False,
-          progress: bool = False) -> Optional[Dict[str, Any]]:
+          progress: bool = False, teacher: Optional[torch.nn.Module] = None) -> Optional[Dict[str, Any]]:
     """Train the block library described by ``config`` into ``out_dir``.
 
     Runs ``config.execution.workers`` workers of ``config.execution.executor``: in this process when one
@@ -64,7 +64,15 @@ def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
         result equals an uninterrupted run.
     progress : bool
         Draw a progress bar per worker (in this process only; workers never write to the terminal).
+    teacher : torch.nn.Module, optional
+        The teacher itself, instead of the config's: it is saved whole into ``out_dir`` (``teacher-<hash>.pt``) and
+        every worker loads it from there, so its class must be importable (defined in a module, not in ``__main__``
+        of an interactive session); its weights travel in the file. The library's config names that file.
     """
+    if teacher is not None:
+        from ..spec.teachers import save_teacher_module
+
+        config = config.with_teacher(save_teacher_module(teacher, out_dir))
     executor_cls = get_executor(config.execution.executor)
     world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else config.execution.workers
     executor_cls(config).check(world)

@@ -136,11 +136,16 @@ class BlockwiseDistillation(Evaluator):
         config is an error), ``overwrite`` it, or raise (``error``).
     device : str
         Finetuning device: ``auto``, ``cpu`` or ``cuda``.
+    teacher : torch.nn.Module, optional
+        Your teacher instance, in place of the config's: it is saved whole into ``library_dir``
+        (``teacher-<hash>.pt``) and the config names that file, so trials and workers load it from there (its class
+        must be importable; its weights travel in the file).
     """
 
     def __init__(self, config: Union[str, Mapping[str, Any], Config], library_dir: str, *,
                  base_dir: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,
-                 finetune: Optional[Mapping[str, Any]] = None, if_exists: str = "reuse", device: str = "auto"):
+                 finetune: Optional[Mapping[str, Any]] = None, if_exists: str = "reuse", device: str = "auto",
+                 teacher: Any = None):
         self.config = resolve_config(config, base_dir, overrides)
         if if_exists not in IF_EXISTS:
             raise ValueError(f"if_exists = {if_exists!r} is not valid; choose one of {list(IF_EXISTS)}")
@@ -150,6 +155,14 @@ class BlockwiseDistillation(Evaluator):
             raise TypeError(f"library_dir must be a folder path; got {library_dir!r}")
         self.finetune_settings = FinetuneSettings(**dict(finetune or {}))
         self.library_dir = Path(library_dir).expanduser().resolve()
+        if teacher is not None:
+            import torch
+
+            from ..spec.teachers import save_teacher_module
+
+            if not isinstance(teacher, torch.nn.Module):
+                raise TypeError(f"teacher must be a torch.nn.Module; got {type(teacher).__name__}")
+            self.config = self.config.with_teacher(save_teacher_module(teacher, self.library_dir))
         self.if_exists = if_exists
         self.device = device
         self._choices: Optional[Dict[str, List[str]]] = None
@@ -161,12 +174,16 @@ class BlockwiseDistillation(Evaluator):
             plain["config"] = str(Path(config).expanduser().resolve())
         else:
             plain["base_dir"] = str(Path(base_dir or os.getcwd()).expanduser().resolve())
+        if teacher is not None:  # the resolved config names the saved teacher now
+            plain.update(config=self.config.to_dict(), base_dir=str(Path(self.config.base_dir).resolve()),
+                         overrides=None, teacher=None)
         if hasattr(self, "trace_kwargs"):  # nni.trace recorded the arguments: keep them as plain data
             self.trace_kwargs.update(plain)
 
     def extra_repr(self) -> str:
         execution = self.config.execution
-        return (f"teacher={self.config.model.teacher.arch!r}, executor={execution.executor!r}, "
+        teacher = self.config.model.teacher
+        return (f"teacher={teacher.class_path or teacher.module or teacher.arch or 'mobilenet_v2'!r}, executor={execution.executor!r}, "
                 f"workers={execution.workers}, library_dir={str(self.library_dir)!r}")
 
     # --- the space -------------------------------------------------------------------------------------------------

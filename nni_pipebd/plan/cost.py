@@ -8,10 +8,19 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
-__all__ = ["forward_macs", "estimate_block_costs", "job_block_costs", "STUDENT_STEP_FACTOR"]
+__all__ = ["layer_macs", "forward_macs", "estimate_block_costs", "job_block_costs", "STUDENT_STEP_FACTOR"]
 
 STUDENT_STEP_FACTOR = 3.0
 """Forward + backward of a student block is about three forwards."""
+
+
+def layer_macs(module: nn.Module, out_numel: int) -> int:
+    """Multiply-accumulates of one convolution or linear layer producing ``out_numel`` values (0 for other layers)."""
+    if isinstance(module, nn.Conv2d):
+        return out_numel * (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
+    if isinstance(module, nn.Linear):
+        return out_numel * module.in_features
+    return 0
 
 
 @torch.no_grad()
@@ -19,16 +28,11 @@ def forward_macs(module: nn.Module, shape_in: Tuple[int, ...]) -> int:
     """Multiply-accumulates of convolutions and linear layers in one forward of one sample."""
     total = 0
 
-    def conv(m: nn.Conv2d, _, out: torch.Tensor) -> None:
+    def count(m: nn.Module, _, out: torch.Tensor) -> None:
         nonlocal total
-        total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        total += layer_macs(m, out.numel())
 
-    def linear(m: nn.Linear, _, out: torch.Tensor) -> None:
-        nonlocal total
-        total += out.numel() * m.in_features
-
-    hooks = [m.register_forward_hook(conv) for m in module.modules() if isinstance(m, nn.Conv2d)]
-    hooks += [m.register_forward_hook(linear) for m in module.modules() if isinstance(m, nn.Linear)]
+    hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
         module(torch.zeros((1,) + tuple(shape_in)))
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Dict
@@ -13,7 +14,7 @@ from ..config import Config
 from ..data.datasets import build_dataset, make_loader
 from ..data.order import BatchOrder
 from ..library import atomic_save
-from .teachers import build_teacher_model
+from .teachers import build_teacher
 
 __all__ = ["prepare_teacher", "train_teacher", "evaluate"]
 
@@ -27,7 +28,8 @@ def prepare_teacher(config: Config) -> None:
     if path is None or path.is_file() or not teacher.train_if_missing:
         return
     _logger.info("teacher checkpoint %s is absent: training %s on %s for %d epochs and caching it there",
-                 path, teacher.arch, config.data.name, teacher.train_epochs)
+                 path, teacher.class_path or teacher.arch or "mobilenet_v2", config.data.class_path or
+                 config.data.name or "digits", teacher.train_epochs)
     metrics = train_teacher(config, path)
     _logger.info("teacher cached at %s (val accuracy %.4f)", path, metrics["val_accuracy"])
 
@@ -37,7 +39,7 @@ def train_teacher(config: Config, path: Path) -> Dict[str, float]:
     t, data = config.model.teacher, config.data
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.distill.seed)
-        model = build_teacher_model(t.arch, t.num_classes, t.kwargs)
+        model = build_teacher(dataclasses.replace(config.model.teacher, checkpoint=None), config.base_dir)
     train_set = build_dataset(data, config.base_dir, "train")
     order = BatchOrder(len(train_set), data.batch_size, config.distill.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)

@@ -1,36 +1,43 @@
-"""Teacher models: build, load weights offline, flatten into layers and split into frozen blocks."""
+"""Teacher models: any torchvision classifier, a user's class_path or a saved module; weights offline; frozen blocks."""
 
 from __future__ import annotations
 
 import logging
 import os
 from collections import OrderedDict
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
+from ..imports import ImportPathError, import_object
+from .split import SplitError, split_model
+
+if TYPE_CHECKING:
+    from ..config import TeacherConfig
+
 __all__ = [
-    "TEACHER_ARCHS",
+    "BUILTIN_ARCHS",
     "TeacherError",
     "TeacherWeightsNotFoundError",
+    "torchvision_archs",
+    "digits_cnn",
     "build_teacher_model",
-    "teacher_layers",
-    "default_boundaries",
-    "split_layers",
-    "split_sequential",
     "load_teacher_weights",
+    "build_teacher",
     "build_teacher_blocks",
+    "load_teacher_module",
+    "save_teacher_module",
 ]
 
 _logger = logging.getLogger(__name__)
 
-TEACHER_ARCHS = ("mobilenet_v2", "efficientnet_b0", "resnet18", "digits_cnn")
+BUILTIN_ARCHS = ("digits_cnn",)
+"""Teacher archs of this package (besides every torchvision classification model)."""
 
-_TORCHVISION_ARCHS = ("mobilenet_v2", "efficientnet_b0", "resnet18")
-_DIGITS_CNN_KWARGS = ("in_channels", "width")
 _MAX_LISTED_KEYS = 5
 
 
@@ -46,12 +53,12 @@ class TeacherWeightsNotFoundError(FileNotFoundError):
 # Model construction
 # --------------------------------------------------------------------------------------------------
 
-def _check_arch(arch: str) -> None:
-    if arch not in TEACHER_ARCHS:
-        raise TeacherError(
-            f"unknown teacher arch {arch!r}; valid archs are {', '.join(TEACHER_ARCHS)} "
-            f"(set teacher.arch to one of them, or split your own nn.Sequential with split_sequential)"
-        )
+@lru_cache(maxsize=1)
+def torchvision_archs() -> Tuple[str, ...]:
+    """Every classification model ``torchvision.models`` lists (``list_models(module=torchvision.models)``)."""
+    import torchvision.models as tvm
+
+    return tuple(tvm.list_models(module=tvm))
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
@@ -62,20 +69,11 @@ def _conv_bn_relu(in_channels: int, out_channels: int, stride: int) -> nn.Sequen
     )
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise TeacherError(f"digits_cnn kwarg {name}={value!r} must be a positive integer")
-    return value
-
-
-def _build_digits_cnn(num_classes: int, kwargs: Mapping[str, Any]) -> nn.Sequential:
-    unknown = sorted(set(kwargs) - set(_DIGITS_CNN_KWARGS))
-    if unknown:
-        raise TeacherError(
-            f"unknown digits_cnn kwargs {unknown}; accepted kwargs are {list(_DIGITS_CNN_KWARGS)}"
-        )
-    in_channels = _positive_int("in_channels", kwargs.get("in_channels", 3))
-    width = _positive_int("width", kwargs.get("width", 16))
+def digits_cnn(num_classes: int = 10, in_channels: int = 3, width: int = 16) -> nn.Sequential:
+    """A small CNN for 8x8..64x64 images: a stem, three stages that halve the resolution, a pooled linear head."""
+    for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TeacherError(f"digits_cnn {name}={value!r} must be a positive integer")
     modules: OrderedDict[str, nn.Module] = OrderedDict()
     modules["stem"] = _conv_bn_relu(in_channels, width, stride=1)
     channels = width
@@ -84,25 +82,29 @@ def _build_digits_cnn(num_classes: int, kwargs: Mapping[str, Any]) -> nn.Sequent
         modules[f"stage{stage}_down"] = _conv_bn_relu(channels, out_channels, stride=2)
         modules[f"stage{stage}_conv"] = _conv_bn_relu(out_channels, out_channels, stride=1)
         channels = out_channels
-    modules["head"] = nn.Sequential(
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(channels, num_classes)
-    )
+    modules["head"] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(channels, num_classes))
     return nn.Sequential(modules)
 
 
-def build_teacher_model(arch: str, num_classes: int, kwargs: dict | None = None) -> nn.Module:
-    """Build a randomly initialised teacher model.
+def build_teacher_model(arch: Optional[str] = None, num_classes: int = 10, kwargs: Optional[dict] = None, *,
+                        class_path: Optional[str] = None, init_args: Optional[dict] = None,
+                        base_dir: Union[str, Path, None] = None) -> nn.Module:
+    """Build a randomly initialised teacher: a torchvision model by name, ``digits_cnn``, or a user's callable.
 
     Parameters
     ----------
-    arch : str
-        One of :data:`TEACHER_ARCHS`.
+    arch : str, optional
+        A name of :func:`torchvision_archs` (built with ``torchvision.models.get_model``) or ``digits_cnn``.
     num_classes : int
-        Number of classes of the classifier head.
+        Classes of the classifier head (``arch`` only; a ``class_path`` gets what ``init_args`` say).
     kwargs : dict, optional
-        Extra keyword arguments: for torchvision archs those of the torchvision constructor
-        (e.g. ``width_mult`` for ``mobilenet_v2``); for ``digits_cnn`` ``in_channels`` (default 3)
-        and ``width`` (default 16).
+        Further keyword arguments of the ``arch`` constructor (e.g. ``width_mult``).
+    class_path : str, optional
+        ``package.module:function`` or ``package.module.Class`` returning an ``nn.Module``; instead of ``arch``.
+    init_args : dict, optional
+        Keyword arguments of ``class_path``.
+    base_dir : str or Path, optional
+        The config's folder: a ``class_path`` module beside the config file is found there.
 
     Returns
     -------
@@ -112,224 +114,53 @@ def build_teacher_model(arch: str, num_classes: int, kwargs: dict | None = None)
     Raises
     ------
     TeacherError
-        Unknown ``arch``, invalid ``num_classes`` or invalid ``kwargs``.
+        Unknown ``arch``, invalid arguments, an import path that does not resolve, or a callable that does not
+        return an ``nn.Module``.
     """
-    _check_arch(arch)
+    if (arch is None) == (class_path is None):
+        raise TeacherError(f"give exactly one of teacher.arch (got {arch!r}) and teacher.class_path "
+                           f"(got {class_path!r})")
+    if class_path is not None:
+        try:
+            factory = import_object(class_path, "model.teacher.class_path", base_dir)
+        except ImportPathError as err:
+            raise TeacherError(str(err)) from None
+        try:
+            model = factory(**dict(init_args or {}))
+        except TypeError as err:
+            raise TeacherError(f"model.teacher.class_path {class_path!r} rejects init_args "
+                               f"{sorted(init_args or {})}: {err}") from err
+        if not isinstance(model, nn.Module):
+            raise TeacherError(f"model.teacher.class_path {class_path!r} returned a {type(model).__name__}, not a "
+                               "torch.nn.Module")
+        return model
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise TeacherError(f"teacher num_classes={num_classes!r} must be a positive integer")
     kwargs = dict(kwargs or {})
-    if arch == "digits_cnn":
-        return _build_digits_cnn(num_classes, kwargs)
     for reserved in ("weights", "num_classes", "progress"):
         if reserved in kwargs:
-            raise TeacherError(
-                f"teacher kwargs must not contain {reserved!r} (got {kwargs[reserved]!r}); "
-                f"use teacher.num_classes / teacher.weights instead"
-            )
-    import torchvision.models as tvm
+            raise TeacherError(f"teacher kwargs must not contain {reserved!r} (got {kwargs[reserved]!r}); use "
+                               "teacher.num_classes / teacher.weights instead")
+    if arch == "digits_cnn":
+        builder: Any = digits_cnn
+    elif arch in torchvision_archs():
+        import torchvision.models as tvm
 
-    builder = getattr(tvm, arch)
+        builder = lambda **kw: tvm.get_model(arch, weights=None, **kw)  # noqa: E731
+    else:
+        import difflib
+
+        valid = BUILTIN_ARCHS + torchvision_archs()
+        close = difflib.get_close_matches(str(arch), valid, n=4)
+        raise TeacherError(f"unknown teacher arch {arch!r}{f'; did you mean {close}' if close else ''}; valid: "
+                           f"{', '.join(BUILTIN_ARCHS)} and every torchvision classification model "
+                           f"({len(torchvision_archs())}: torchvision.models.list_models()); or set "
+                           "teacher.class_path to your own model")
     try:
-        return builder(weights=None, num_classes=num_classes, **kwargs)
+        return builder(num_classes=num_classes, **kwargs)
     except TypeError as exc:
-        raise TeacherError(
-            f"invalid kwargs {sorted(kwargs)} for torchvision.models.{arch}: {exc}; "
-            f"see the torchvision documentation of {arch} for accepted arguments"
-        ) from exc
-
-
-# --------------------------------------------------------------------------------------------------
-# Flattening and splitting
-# --------------------------------------------------------------------------------------------------
-
-def _require_attrs(arch: str, model: nn.Module, names: Sequence[str]) -> None:
-    missing = [n for n in names if not hasattr(model, n)]
-    if missing:
-        raise TeacherError(
-            f"model of type {type(model).__name__} lacks {missing} expected of a {arch} teacher; "
-            f"pass the model built by build_teacher_model({arch!r}, ...)"
-        )
-
-
-def teacher_layers(arch: str, model: nn.Module) -> tuple[list[nn.Module], int]:
-    """Flatten a teacher into layers whose sequential composition reproduces ``model(x)``.
-
-    Parameters
-    ----------
-    arch : str
-        One of :data:`TEACHER_ARCHS`; the architecture ``model`` was built with.
-    model : torch.nn.Module
-        The teacher, as built by :func:`build_teacher_model`.
-
-    Returns
-    -------
-    layers : list of torch.nn.Module
-        The layers; they are (or wrap) the model's own submodules, not copies.
-    head_index : int
-        Index of the classifier head, always the last layer.
-
-    Raises
-    ------
-    TeacherError
-        Unknown ``arch`` or a model that does not have the structure of ``arch``.
-    """
-    _check_arch(arch)
-    if arch in ("mobilenet_v2", "efficientnet_b0"):
-        _require_attrs(arch, model, ("features", "classifier"))
-        features = list(model.features)
-        if len(features) < 2:
-            raise TeacherError(f"{arch} model has only {len(features)} feature layers; expected at least 2")
-        pool = nn.AdaptiveAvgPool2d(1) if arch == "mobilenet_v2" else model.avgpool
-        head = nn.Sequential(features[-1], pool, nn.Flatten(1), model.classifier)
-        layers = features[:-1] + [head]
-    elif arch == "resnet18":
-        names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc")
-        _require_attrs(arch, model, names)
-        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
-        head = nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
-        layers = [stem, model.layer1, model.layer2, model.layer3, model.layer4, head]
-    else:  # digits_cnn
-        if not isinstance(model, nn.Sequential) or len(model) < 2:
-            raise TeacherError(
-                f"digits_cnn teacher must be an nn.Sequential with at least 2 children, got "
-                f"{type(model).__name__}; pass the model built by build_teacher_model('digits_cnn', ...)"
-            )
-        layers = list(model.children())
-    return layers, len(layers) - 1
-
-
-def _spatial_size(tensor: torch.Tensor, where: str) -> int:
-    if not isinstance(tensor, torch.Tensor) or tensor.dim() < 3:
-        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise TeacherError(
-            f"{where} is {shape}, not a tensor with spatial dimensions (N, C, H, W); "
-            f"give explicit boundaries instead of relying on default_boundaries"
-        )
-    size = 1
-    for dim in tensor.shape[2:]:
-        size *= int(dim)
-    return size
-
-
-def default_boundaries(layers: list[nn.Module], head_index: int, sample: torch.Tensor) -> list[int]:
-    """Default block boundaries: a new block at every resolution-reducing layer, and the head.
-
-    Parameters
-    ----------
-    layers : list of torch.nn.Module
-        The teacher's layers (see :func:`teacher_layers`).
-    head_index : int
-        Index of the classifier head in ``layers``; it becomes its own last block.
-    sample : torch.Tensor
-        A small input batch of shape (N, C, H, W) used to trace the spatial resolutions; it is run
-        in eval mode without gradients and the layers' training flags are restored afterwards.
-
-    Returns
-    -------
-    list of int
-        Start indices of blocks 1..N-1, suitable for :func:`split_layers`.
-
-    Raises
-    ------
-    TeacherError
-        ``head_index`` out of range, or a layer output without spatial dimensions.
-    """
-    if isinstance(head_index, bool) or not isinstance(head_index, int) or not 1 <= head_index < len(layers):
-        raise TeacherError(
-            f"head_index={head_index!r} must be an integer in 1..{len(layers) - 1} for {len(layers)} layers "
-            f"(the head must be preceded by at least one layer)"
-        )
-    modules = [m for layer in layers[:head_index] for m in layer.modules()]
-    training = [m.training for m in modules]
-    boundaries: list[int] = []
-    try:
-        for module in modules:
-            module.training = False
-        with torch.no_grad():
-            x = sample
-            size = _spatial_size(x, "the sample")
-            for index, layer in enumerate(layers[:head_index]):
-                x = layer(x)
-                new_size = _spatial_size(x, f"the output of layer {index} ({type(layer).__name__})")
-                if index > 0 and new_size < size:
-                    boundaries.append(index)
-                size = new_size
-    finally:
-        for module, flag in zip(modules, training):
-            module.training = flag
-    boundaries.append(head_index)
-    return boundaries
-
-
-def split_layers(layers: list[nn.Module], boundaries: Sequence[int]) -> list[nn.Sequential]:
-    """Split layers into consecutive blocks.
-
-    Parameters
-    ----------
-    layers : list of torch.nn.Module
-        The layers, in forward order.
-    boundaries : sequence of int
-        Start indices of blocks 1..N-1: strictly increasing integers in ``1..len(layers)-1``.
-        An empty sequence gives a single block.
-
-    Returns
-    -------
-    list of torch.nn.Sequential
-        Block ``i`` is ``nn.Sequential(*layers[b_i:b_{i+1}])`` (with ``b_0 = 0`` and
-        ``b_N = len(layers)``); the layers are shared, not copied.
-
-    Raises
-    ------
-    TeacherError
-        Invalid ``boundaries``.
-    """
-    layers = list(layers)
-    bounds = list(boundaries)
-    rule = (
-        f"boundaries must be strictly increasing integers in 1..{len(layers) - 1} "
-        f"(start indices of blocks 1..N-1 into the {len(layers)} teacher layers)"
-    )
-    if not layers:
-        raise TeacherError("cannot split an empty list of layers; the teacher has no layers")
-    bad_type = [b for b in bounds if isinstance(b, bool) or not isinstance(b, int)]
-    if bad_type:
-        raise TeacherError(f"invalid boundaries {bounds}: {bad_type} are not integers; {rule}")
-    out_of_range = [b for b in bounds if not 1 <= b <= len(layers) - 1]
-    if out_of_range:
-        raise TeacherError(f"invalid boundaries {bounds}: {out_of_range} out of range; {rule}")
-    if any(b >= c for b, c in zip(bounds, bounds[1:])):
-        raise TeacherError(f"invalid boundaries {bounds}: not strictly increasing; {rule}")
-    starts = [0] + bounds
-    ends = bounds + [len(layers)]
-    return [nn.Sequential(*layers[s:e]) for s, e in zip(starts, ends)]
-
-
-def split_sequential(model: nn.Sequential, boundaries: Sequence[int]) -> list[nn.Sequential]:
-    """Split a user's own ``nn.Sequential`` teacher into blocks.
-
-    Parameters
-    ----------
-    model : torch.nn.Sequential
-        The teacher; its children are the layers.
-    boundaries : sequence of int
-        Start indices of blocks 1..N-1 (see :func:`split_layers`).
-
-    Returns
-    -------
-    list of torch.nn.Sequential
-        The blocks, sharing the model's modules.
-
-    Raises
-    ------
-    TeacherError
-        ``model`` is not an ``nn.Sequential`` or ``boundaries`` are invalid.
-    """
-    if not isinstance(model, nn.Sequential):
-        raise TeacherError(
-            f"split_sequential needs an nn.Sequential, got {type(model).__name__}; "
-            f"flatten your model with teacher_layers or wrap its layers in nn.Sequential"
-        )
-    return split_layers(list(model), boundaries)
+        raise TeacherError(f"invalid kwargs {sorted(kwargs)} for teacher arch {arch!r}: {exc}; see its "
+                           "constructor's documentation for accepted arguments") from exc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,10 +226,10 @@ def _apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Pa
 
 
 def _torchvision_weights_file(arch: str, weights: str) -> tuple[Path, str]:
-    if arch not in _TORCHVISION_ARCHS:
+    if arch not in torchvision_archs():
         raise TeacherError(
-            f"teacher arch {arch!r} has no torchvision weights (got weights={weights!r}); "
-            f"torchvision weights exist for {', '.join(_TORCHVISION_ARCHS)}; use teacher.checkpoint instead"
+            f"teacher {arch or 'class_path'!r} has no torchvision weights (got weights={weights!r}); torchvision "
+            f"weights exist for torchvision archs only; use teacher.checkpoint instead"
         )
     import torchvision.models as tvm
 
@@ -415,7 +246,7 @@ def _torchvision_weights_file(arch: str, weights: str) -> tuple[Path, str]:
 
 
 def load_teacher_weights(
-    model: nn.Module, checkpoint: str | os.PathLike | None, weights: str | None, arch: str
+    model: nn.Module, checkpoint: str | os.PathLike | None, weights: str | None, arch: Optional[str] = None
 ) -> None:
     """Load teacher weights from local files only; never downloads.
 
@@ -429,8 +260,8 @@ def load_teacher_weights(
     weights : str, optional
         Name of a torchvision weights enum member of ``arch`` (e.g. ``"IMAGENET1K_V1"``); the file
         is read from the local torch hub cache ``torch.hub.get_dir()/checkpoints/``.
-    arch : str
-        The teacher architecture, one of :data:`TEACHER_ARCHS`.
+    arch : str, optional
+        The torchvision architecture (needed for ``weights`` only).
 
     Raises
     ------
@@ -443,7 +274,7 @@ def load_teacher_weights(
     -----
     With both ``checkpoint`` and ``weights`` None the model keeps its random initialisation.
     """
-    _check_arch(arch)
+    arch_name = arch or type(model).__name__
     if checkpoint is not None:
         if weights is not None:
             _logger.info("teacher checkpoint %s given; ignoring torchvision weights %r", checkpoint, weights)
@@ -461,10 +292,10 @@ def load_teacher_weights(
         if not path.is_file():
             raise TeacherError(f"teacher checkpoint {str(path)!r} is not a regular file; {hint}")
         _apply_state_dict(model, _read_state_dict(path, hint), path, hint)
-        _logger.info("loaded %s teacher weights from %s", arch, path)
+        _logger.info("loaded %s teacher weights from %s", arch_name, path)
         return
     if weights is None:
-        _logger.debug("no teacher weights given; %s keeps its random initialisation", arch)
+        _logger.debug("no teacher weights given; %s keeps its random initialisation", arch_name)
         return
     path, url = _torchvision_weights_file(arch, weights)
     if not path.is_file():
@@ -484,51 +315,117 @@ def load_teacher_weights(
 # All together
 # --------------------------------------------------------------------------------------------------
 
-def build_teacher_blocks(
-    arch: str,
-    num_classes: int,
-    kwargs: dict | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    weights: str | None = None,
-    boundaries: Sequence[int] | None = None,
-    sample: torch.Tensor | None = None,
-) -> list[nn.Module]:
-    """Build a teacher, load its weights and split it into frozen blocks.
-
-    Parameters
-    ----------
-    arch, num_classes, kwargs
-        See :func:`build_teacher_model`.
-    checkpoint, weights
-        See :func:`load_teacher_weights`.
-    boundaries : sequence of int, optional
-        Start indices of blocks 1..N-1 into :func:`teacher_layers`; default :func:`default_boundaries`.
-    sample : torch.Tensor, optional
-        Input batch for :func:`default_boundaries`; default zeros of shape (1, C, 64, 64) with C the
-        model's input channels (``kwargs["in_channels"]`` for ``digits_cnn``, else 3).
-
-    Returns
-    -------
-    list of torch.nn.Module
-        The blocks (``nn.Sequential``), in eval mode with ``requires_grad`` False on every parameter;
-        their composition equals the teacher's forward.
+def load_teacher_module(path: Union[str, os.PathLike]) -> nn.Module:
+    """A whole teacher saved with ``torch.save(model, path)`` (its class must be importable).
 
     Raises
     ------
-    TeacherError, TeacherWeightsNotFoundError
-        As raised by the functions above.
+    TeacherWeightsNotFoundError
+        No such file.
+    TeacherError
+        The file cannot be unpickled or holds no ``nn.Module``.
     """
-    model = build_teacher_model(arch, num_classes, kwargs)
-    load_teacher_weights(model, checkpoint, weights, arch)
-    layers, head_index = teacher_layers(arch, model)
-    if boundaries is None:
-        if sample is None:
-            channels = (kwargs or {}).get("in_channels", 3) if arch == "digits_cnn" else 3
-            sample = torch.zeros(1, channels, 64, 64)
-        boundaries = default_boundaries(layers, head_index, sample)
-    blocks = split_layers(layers, boundaries)
+    path = Path(path)
+    if not path.is_file():
+        raise TeacherWeightsNotFoundError(f"teacher module file {str(path)!r} does not exist; write it with "
+                                          "torch.save(model, path) or pass the model to train(teacher=model)")
+    try:
+        model = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # unpickling raises many types: a missing class is AttributeError/ModuleNotFoundError
+        raise TeacherError(f"cannot load teacher module file {str(path)!r} ({type(exc).__name__}: {exc}); the "
+                           "model's class must be importable where it is loaded (install its package or add its "
+                           "folder to PYTHONPATH)") from exc
+    if not isinstance(model, nn.Module):
+        raise TeacherError(f"teacher module file {str(path)!r} holds a {type(model).__name__}, not an nn.Module; "
+                           "for a state_dict use teacher.checkpoint with teacher.arch or teacher.class_path")
+    return model
+
+
+def save_teacher_module(model: nn.Module, folder: Union[str, Path]) -> Path:
+    """Save a whole teacher instance for other processes: ``folder/teacher-<hash>.pt`` (the hash of its bytes).
+
+    Spawned workers, torchrun ranks and NNI trials load it with :func:`load_teacher_module`, so the model's class
+    must be importable there; its state (weights, buffers) travels in the file. A changed teacher gets another
+    name, so a library trained with it never passes for one of the old teacher.
+
+    Raises
+    ------
+    TeacherError
+        The model cannot be pickled (e.g. a class defined inside a function or a lambda attribute).
+    """
+    import hashlib
+    import io
+
+    buffer = io.BytesIO()
+    try:
+        torch.save(model, buffer)
+    except Exception as exc:  # pickling raises PicklingError, AttributeError, TypeError
+        raise TeacherError(f"cannot save the teacher {type(model).__name__} for the worker processes ({type(exc).__name__}: "
+                           f"{exc}); define its class at module level of an importable module") from exc
+    data = buffer.getvalue()
+    path = Path(folder) / f"teacher-{hashlib.sha1(data).hexdigest()[:12]}.pt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return path
+
+
+def build_teacher(config: "TeacherConfig", base_dir: Union[str, Path] = ".") -> nn.Module:
+    """The teacher a config describes, its weights loaded (``arch``/``class_path`` + weights, or a ``module`` file).
+
+    Relative paths resolve against ``base_dir`` (the config file's folder).
+    """
+    def resolve(path: Optional[str]) -> Optional[Path]:
+        if path is None:
+            return None
+        path = Path(path).expanduser()
+        return path if path.is_absolute() else Path(base_dir) / path
+
+    if config.module is not None:
+        return load_teacher_module(resolve(config.module))
+    arch = None if config.class_path is not None else (config.arch or "mobilenet_v2")
+    model = build_teacher_model(arch, config.num_classes, config.kwargs, class_path=config.class_path,
+                                init_args=config.init_args, base_dir=base_dir)
+    load_teacher_weights(model, resolve(config.checkpoint), config.weights, arch)
+    return model
+
+
+def build_teacher_blocks(model: nn.Module, sample: torch.Tensor,
+                         boundaries: Optional[Sequence[Union[int, str]]] = None) -> Tuple[List[nn.Module], List[str]]:
+    """Split a teacher into frozen blocks whose composition equals the model exactly.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The teacher (see :func:`build_teacher`); set to eval mode and ``requires_grad_(False)``.
+    sample : torch.Tensor
+        A small input batch (shapes only).
+    boundaries : sequence of str or int, optional
+        The first module of blocks 1..N-1 (names as in ``named_modules()``, functional ops as listed by
+        ``nni-pipebd blocks``, or indices of direct children); default: where the resolution drops, and the head.
+
+    Returns
+    -------
+    blocks : list of torch.nn.Module
+        The blocks, in eval mode with ``requires_grad`` False on every parameter.
+    names : list of str
+        Where blocks 1..N-1 start.
+
+    Raises
+    ------
+    TeacherError
+        The model cannot be traced or split there (the message names the module, the reason and valid names).
+    """
+    model.eval()
+    model.requires_grad_(False)
+    try:
+        blocks, names = split_model(model, sample, boundaries)
+    except SplitError as err:
+        raise TeacherError(str(err)) from None
     for block in blocks:
         block.eval()
         block.requires_grad_(False)
-    _logger.info("%s teacher split into %d blocks at layer boundaries %s", arch, len(blocks), list(boundaries))
-    return list(blocks)
+    _logger.info("%s teacher split into %d blocks at %s", type(model).__name__, len(blocks), names)
+    return blocks, names

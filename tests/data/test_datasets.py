@@ -100,8 +100,8 @@ def test_synthetic_shapes_sizes_and_determinism():
 # ----------------------------------------------------------------------------------------- errors
 
 def test_unknown_name_and_split():
-    with pytest.raises(ValueError, match=r"'mnist'.*digits.*synthetic.*cifar10.*imagefolder"):
-        build_dataset(DataConfig(name="mnist"), ".")
+    with pytest.raises(ValueError, match=r"'mnist2'.*digits.*synthetic.*cifar10.*imagefolder.*MNIST.*class_path"):
+        build_dataset(DataConfig(name="mnist2"), ".")
     with pytest.raises(ValueError, match=r"'test'.*train.*val"):
         build_dataset(DataConfig(name="digits"), ".", "test")
     with pytest.raises(ValueError, match="data.root"):
@@ -287,3 +287,78 @@ def test_make_loader_on_files_and_errors(tmp_path):
     assert list(make_loader(dataset, [])) == []
     with pytest.raises(ValueError, match="num_workers = -1"):
         make_loader(dataset, batches, num_workers=-1)
+
+
+# ----------------------------------------------------------------------------- torchvision data sets
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """An MNIST idx file (big-endian header: magic, dims; then unsigned bytes)."""
+    magic = 2049 if array.ndim == 1 else 2051
+    path.write_bytes(struct.pack(">" + "i" * (array.ndim + 1), magic, *array.shape) + array.astype(np.uint8).tobytes())
+
+
+def test_torchvision_data_set_by_name_from_local_files(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", 12), ("t10k", 5)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28)))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, count))
+    for channels in (1, 3):
+        config = DataConfig(name="MNIST", root=str(tmp_path), image_size=16, channels=channels)
+        train, val = build_dataset(config, "."), build_dataset(config, ".", "val")
+        assert (len(train), len(val)) == (12, 5)
+        image, label = train[3]
+        assert image.shape == (channels, 16, 16) and isinstance(label, int)
+        assert -1.0 <= float(image.min()) and float(image.max()) <= 1.0
+    with pytest.raises(FileNotFoundError, match=r"FashionMNIST \(train\) not found in .*never downloaded"):
+        build_dataset(DataConfig(name="fashionmnist", root=str(tmp_path)), ".")
+
+
+_FACTORY = """
+import torch
+from torch.utils.data import TensorDataset
+
+
+class Pairs(torch.utils.data.Dataset):
+    def __init__(self, n, shape=(3, 8, 8), label=1, dtype=torch.float32):
+        self.n, self.shape, self.label, self.dtype = n, shape, label, dtype
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.full(self.shape, float(i)).to(self.dtype), self.label
+
+
+def make(n=6, **kwargs):
+    return Pairs(n, **kwargs), Pairs(2, **kwargs)
+
+
+def one():
+    return Pairs(3)
+
+
+def tensors():
+    return TensorDataset(torch.zeros(4, 3, 8, 8)), Pairs(1)
+"""
+
+
+def test_class_path_data_set_and_item_checks(tmp_path):
+    (tmp_path / "user_data_factory.py").write_text(_FACTORY)
+    config = DataConfig(class_path="user_data_factory:make", init_args={"n": 5})
+    train = build_dataset(config, tmp_path)
+    assert len(train) == 5 and len(build_dataset(config, tmp_path, "val")) == 2
+    images, labels = next(make_loader(train, [np.array([4, 0])]))
+    assert images.shape == (2, 3, 8, 8) and torch.equal(images[:, 0, 0, 0], torch.tensor([4.0, 0.0]))
+    assert labels.tolist() == [1, 1]
+    cases = [("one", {}, r"returned Pairs; it must return \(train_dataset, val_dataset\)"),
+             ("tensors", {}, r"sample 0 is a tuple, not an \(image, label\) pair"),
+             ("make", {"label": 0.5}, r"train data set of 'user_data_factory:make': sample 0's label is 0.5"),
+             ("make", {"shape": (8, 8)}, r"sample 0's image is a torch.float32 tensor of shape \(8, 8\)"),
+             ("make", {"dtype": torch.uint8}, "torch.uint8 tensor"),
+             ("make", {"n": 0}, "is empty"),
+             ("make", {"nope": 1}, r"rejects init_args \['nope'\]")]
+    for name, init_args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            build_dataset(DataConfig(class_path=f"user_data_factory:{name}", init_args=init_args), tmp_path)

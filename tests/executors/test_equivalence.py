@@ -118,3 +118,62 @@ def test_plan_with_single_devices_is_bitwise(tmp_path):
     ref, _ = run(tmp_path, "ref")
     pipe, _ = run(tmp_path, "pipe", execution={"executor": "pipebd", "workers": 2, "plan": str(path)})
     assert_same_blocks(ref, pipe, 5, exact=True)
+
+
+# --- the same guarantees on a user's teacher and data (class_path, examples/custom) and on another torchvision model
+
+from conftest import user_config  # noqa: E402
+
+
+def run_config(tmp_path, name, config, **kwargs):
+    out = tmp_path / name
+    return out, train(config, out, **kwargs)
+
+
+@pytest.mark.parametrize("execution, exact", [
+    ({"executor": "dp", "workers": 1}, True),
+    ({"executor": "dp", "workers": 2}, False),
+    ({"executor": "ls", "workers": 2}, True),
+    ({"executor": "pipebd", "workers": 2}, True),
+    ({"executor": "pipebd", "workers": 3, "decoupled": False}, True),
+    ({"executor": "pipebd", "workers": 2, "plan": "auto"}, False),
+])
+def test_user_teacher_and_data_every_executor(tmp_path, execution, exact):
+    ref, manifest = run_config(tmp_path, "ref", user_config())
+    other, other_manifest = run_config(tmp_path, "other", user_config(execution=execution))
+    assert manifest["num_blocks"] == 4  # stem | stage1 | stage2 | pooled classifier
+    assert manifest["config"]["model"]["teacher"]["class_path"] == "custom_teacher:build"
+    assert_same_blocks(ref, other, 4, exact=exact, rtol=1e-4, atol=1e-5)
+
+
+def test_torchvision_teacher_outside_the_old_list(tmp_path):
+    sections = {"model": {"teacher": {"arch": "shufflenet_v2_x0_5", "kwargs": {}}}, "data": {"image_size": 32}}
+    ref, manifest = run(tmp_path, "ref", **sections)
+    pipe, _ = run(tmp_path, "pipe", execution={"executor": "pipebd", "workers": 2}, **sections)
+    dp, _ = run(tmp_path, "dp", execution={"executor": "dp", "workers": 2}, **sections)
+    n = manifest["num_blocks"]
+    assert n == 5  # conv1+maxpool | stage2 | stage3 | stage4 + conv5 | mean + fc
+    assert_same_blocks(ref, pipe, n, exact=True)
+    # the last feature block ends at 1x1: BatchNorm over 8 single pixels amplifies rounding (as in test_cli's digits)
+    assert_same_blocks(ref, dp, n, exact=False, rtol=1e-3, atol=1e-4)
+
+
+def test_teacher_instance_is_shipped_to_the_workers(tmp_path, monkeypatch):
+    from conftest import EXAMPLES
+
+    monkeypatch.syspath_prepend(str(EXAMPLES / "custom"))
+    import custom_teacher
+
+    torch.manual_seed(5)
+    teacher = custom_teacher.build(in_channels=1, width=4)
+    for module in teacher.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_var.uniform_(0.5, 1.5)  # a state that a fresh build would not have
+    ref, manifest = run_config(tmp_path, "ref", user_config(), teacher=teacher)
+    pipe, _ = run_config(tmp_path, "pipe", user_config(execution={"executor": "pipebd", "workers": 2}),
+                         teacher=teacher)
+    saved = manifest["config"]["model"]["teacher"]
+    assert saved["class_path"] is None and saved["module"].startswith(str(tmp_path / "ref" / "teacher-"))
+    loaded = torch.load(saved["module"], weights_only=False)
+    assert torch.equal(loaded.stem[1].running_var, teacher.stem[1].running_var)
+    assert_same_blocks(ref, pipe, 4, exact=True)

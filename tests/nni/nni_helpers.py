@@ -17,10 +17,11 @@ FINETUNE = {"epochs": 1, "max_steps_per_epoch": 2, "calib_batches": 1}
 RANKING = {"latency_runs": 0, "val_batches": 2, "calib_batches": 1}
 
 
-def tiny_evaluator(root: Path, **kwargs) -> BlockwiseDistillation:
-    """A BlockwiseDistillation over the tests' tiny job (synthetic data, digits_cnn teacher, 3 steps per block)."""
+def tiny_evaluator(root: Path, config=None, **kwargs) -> BlockwiseDistillation:
+    """A BlockwiseDistillation over ``config`` (default: the tests' tiny job: synthetic data, digits_cnn teacher, 3
+    steps per block)."""
     kwargs.setdefault("finetune", FINETUNE)
-    return BlockwiseDistillation(tiny_config(root), str(root / "lib"), **kwargs)
+    return BlockwiseDistillation(config or tiny_config(root), str(root / "lib"), **kwargs)
 
 
 def isolate_nni(tmp_path: Path, monkeypatch) -> Path:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import yaml
 
 from nni.experiment.config import ExperimentConfig
 
-from conftest import tiny_config
+from conftest import EXAMPLES, user_config
 from nni_helpers import FINETUNE, RANKING, assert_released, final_metric, free_port, rest
 from nni_pipebd.nni import BlockwiseTuner, meta_path
 from nni_pipebd.nni.compat import require_nnictl
@@ -49,10 +50,12 @@ def test_nnictl_create_runs_distillation_search_and_evaluations(tmp_path):
         "experimentName": "pipebd-test", "searchSpace": {}, "trialCodeDirectory": str(tmp_path),
         "trialCommand": f"{sys.executable} -m nni_pipebd.nni.trial", "trialConcurrency": 2, "maxTrialNumber": 3,
         "experimentWorkingDirectory": str(experiments), "trainingService": {"platform": "local"},
-        "tuner": {"name": "PipeBD", "classArgs": {"config": tiny_config(tmp_path).to_dict(), "library_dir": "lib",
+        "tuner": {"name": "PipeBD", "classArgs": {"config": user_config().to_dict(), "library_dir": "lib",
                                                   "budget": "params=1M", "top_k": 2, "finetune": FINETUNE,
                                                   "ranking": RANKING}},
     }
+    for module in ("custom_teacher.py", "custom_data.py"):  # the user's teacher and data, in the trial code folder
+        shutil.copy(EXAMPLES / "custom" / module, tmp_path / module)
     path = tmp_path / "config.yml"
     path.write_text(yaml.safe_dump(config))
     port = free_port()

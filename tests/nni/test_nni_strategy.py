@@ -7,7 +7,7 @@ from nni.nas.execution import SequentialExecutionEngine
 from nni.nas.experiment import NasExperiment, NasExperimentConfig
 from nni.nas.space import ModelStatus, RawFormatModelSpace
 
-from conftest import tiny_config
+from conftest import tiny_config, user_config
 from nni_helpers import RANKING, assert_released, free_port, isolate_nni, tiny_evaluator
 from nni_pipebd.nni import (ArchitectureModel, BlockwiseDistillation, BlockwiseDNA, BlockwiseDONNA,
                             BudgetExhaustedError, SpaceMismatchError)
@@ -31,11 +31,11 @@ def _run(experiment, port=None):
         experiment.stop()
 
 
-def _check_exported(samples, models, space, top_k):
+def _check_exported(samples, models, space, top_k, channels=3):
     assert 1 <= len(samples) <= top_k and samples == [m.sample for m in models]
     metrics = [m.metric for m in models]
     assert metrics == sorted(metrics, reverse=True) and all(0.0 <= m <= 1.0 for m in metrics)
-    x = torch.randn(3, 3, 16, 16)
+    x = torch.randn(3, channels, 16, 16)
     for sample, model in zip(samples, models):
         assert isinstance(model, ArchitectureModel) and model.status == ModelStatus.Trained
         assert len(model.metrics.intermediates) == 1  # one finetuning epoch
@@ -68,13 +68,13 @@ def test_dna_in_process(tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(300)
-def test_donna_in_process(tmp_path, monkeypatch):
+def test_donna_in_process_with_user_teacher_and_data(tmp_path, monkeypatch):
     isolate_nni(tmp_path, monkeypatch)
-    evaluator = tiny_evaluator(tmp_path)
+    evaluator = tiny_evaluator(tmp_path, user_config())  # examples/custom: class_path teacher and data
     space = evaluator.student_space()
     strategy = BlockwiseDONNA("params=1M", top_k=2, predictor_archs=3, ranking=RANKING, population=8, generations=3)
     samples, models = _run(NasExperiment(space, evaluator, strategy, _sequential(tmp_path)))
-    _check_exported(samples, models, space, 2)
+    _check_exported(samples, models, space, 2, channels=1)
     assert all("predicted_accuracy" in m.search for m in models)
     state = strategy.state_dict()
     assert len(state["predictor"]["accuracies"]) == 3 and state["phase"] == "done"

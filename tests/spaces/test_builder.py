@@ -6,14 +6,14 @@ from nni_pipebd.config import ConfigError, StudentConfig
 from nni_pipebd.spaces.builder import block_geometry, build_student, fresh_copy
 from nni_pipebd.spaces.dna import DnaBlock
 from nni_pipebd.spec.blocks import teacher_shapes
-from nni_pipebd.spec.teachers import build_teacher_blocks
+from nni_pipebd.spec.teachers import build_teacher_blocks, build_teacher_model
 
 SAMPLE = torch.randn(2, 3, 32, 32)
 
 
 def mobilenet():
     torch.manual_seed(0)
-    return build_teacher_blocks("mobilenet_v2", 10, {"width_mult": 0.35}, sample=SAMPLE)
+    return build_teacher_blocks(build_teacher_model("mobilenet_v2", 10, {"width_mult": 0.35}), SAMPLE)[0]
 
 
 def test_dna_student_follows_teacher_geometry():
@@ -21,7 +21,7 @@ def test_dna_student_follows_teacher_geometry():
     shapes = teacher_shapes(t, SAMPLE)
     space = build_student(StudentConfig(), t, shapes, seed=0)
     blocks = list(space.blocks)
-    assert [type(b) for b in blocks] == [DnaBlock] * 5 + [nn.Sequential]
+    assert [type(b) for b in blocks[:5]] == [DnaBlock] * 5 and not isinstance(blocks[5], DnaBlock)
     # layer counts = spatial convs of each teacher block (MobileNetV2: one depthwise conv per inverted residual)
     assert [len(b.layers) for b in blocks[:5]] == [2, 2, 3, 7, 4]
     assert list(space.simplify())[:3] == ["s0_i0", "s0_i1", "s1_i0"]
@@ -37,7 +37,8 @@ def test_head_student_is_fresh_copy_without_dropout():
     head = fresh_copy(t[-1])
     assert not any(isinstance(m, nn.Dropout) for m in head.modules())
     assert all(p.requires_grad for p in head.parameters())
-    assert not torch.equal(head[0][3][1].weight, t[-1][0][3][1].weight)
+    assert not torch.equal(head.get_submodule("classifier.1").weight, t[-1].get_submodule("classifier.1").weight)
+    assert head(torch.zeros(2, *teacher_shapes(t, SAMPLE)[-1][0])).shape == (2, 10)
 
 
 def test_initialisation_depends_only_on_seed_and_block():

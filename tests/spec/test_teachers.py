@@ -8,17 +8,16 @@ import pytest
 import torch
 from torch import nn
 
+from nni_pipebd.config import TeacherConfig
 from nni_pipebd.spec.teachers import (
-    TEACHER_ARCHS,
+    BUILTIN_ARCHS,
     TeacherError,
     TeacherWeightsNotFoundError,
+    build_teacher,
     build_teacher_blocks,
     build_teacher_model,
-    default_boundaries,
     load_teacher_weights,
-    split_layers,
-    split_sequential,
-    teacher_layers,
+    torchvision_archs,
 )
 
 SMALL_KWARGS = {
@@ -28,10 +27,10 @@ SMALL_KWARGS = {
     "digits_cnn": {"width": 8},
 }
 EXPECTED_BOUNDARIES = {
-    "mobilenet_v2": [2, 4, 7, 14, 18],
-    "efficientnet_b0": [2, 3, 4, 6, 8],
-    "resnet18": [2, 3, 4, 5],
-    "digits_cnn": [1, 3, 5, 7],
+    "mobilenet_v2": ["features.2", "features.4", "features.7", "features.14", "adaptive_avg_pool2d"],
+    "efficientnet_b0": ["features.2", "features.3", "features.4", "features.6", "avgpool"],
+    "resnet18": ["layer1", "layer2", "layer3", "layer4", "avgpool"],
+    "digits_cnn": ["stage1_down", "stage2_down", "stage3_down", "head"],
 }
 
 
@@ -52,12 +51,13 @@ def _saved_model(arch: str, tmp_path: Path) -> tuple[nn.Module, Path]:
     return model.eval(), path
 
 
-@pytest.mark.parametrize("arch", TEACHER_ARCHS)
+@pytest.mark.parametrize("arch", list(SMALL_KWARGS))
 def test_blocks_reproduce_model_exactly(arch: str, tmp_path: Path) -> None:
     model, path = _saved_model(arch, tmp_path)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    blocks = build_teacher_blocks(arch, 10, SMALL_KWARGS[arch], checkpoint=path, sample=x)
-    assert len(blocks) == len(EXPECTED_BOUNDARIES[arch]) + 1
+    teacher = build_teacher(TeacherConfig(arch=arch, kwargs=SMALL_KWARGS[arch], checkpoint=str(path)))
+    blocks, names = build_teacher_blocks(teacher, x)
+    assert names == EXPECTED_BOUNDARIES[arch]
     with torch.no_grad():
         expected = model(x)
         out = x
@@ -71,78 +71,100 @@ def test_blocks_reproduce_model_exactly(arch: str, tmp_path: Path) -> None:
         assert all(not p.requires_grad for p in block.parameters())
 
 
-@pytest.mark.parametrize("arch", TEACHER_ARCHS)
-def test_default_boundaries_at_32(arch: str) -> None:
-    torch.manual_seed(0)
-    model = build_teacher_model(arch, 10, SMALL_KWARGS[arch]).train()
-    layers, head = teacher_layers(arch, model)
-    assert head == len(layers) - 1
-    bounds = default_boundaries(layers, head, torch.randn(2, 3, 32, 32))
-    assert bounds == EXPECTED_BOUNDARIES[arch]
-    assert all(m.training for m in model.modules()), "training flags must be restored"
+def test_every_torchvision_classifier_is_an_arch() -> None:
+    import torchvision.models as tvm
+
+    assert set(torchvision_archs()) == set(tvm.list_models(module=tvm))
+    assert {"efficientnet_b7", "regnet_y_400mf", "convnext_tiny", "vit_b_16"} <= set(torchvision_archs())
+    model = build_teacher_model("regnet_x_400mf", 7)
+    assert model.fc.out_features == 7
 
 
-def test_layers_reuse_model_submodules() -> None:
-    model = build_teacher_model("resnet18", 10)
-    layers, head = teacher_layers("resnet18", model)
-    assert layers[1] is model.layer1
-    assert layers[head][-1] is model.fc
-    mobilenet = build_teacher_model("mobilenet_v2", 10, {"width_mult": 0.35})
-    layers, head = teacher_layers("mobilenet_v2", mobilenet)
-    assert len(layers) == 19 and layers[0] is mobilenet.features[0]
-    assert layers[head][0] is mobilenet.features[18]
-
-
-def test_default_sample_and_explicit_boundaries() -> None:
-    blocks = build_teacher_blocks("digits_cnn", 5, {"in_channels": 1, "width": 4})
+def test_explicit_boundaries_by_name_and_index() -> None:
+    model = build_teacher_model("digits_cnn", 5, {"in_channels": 1, "width": 4})
+    x = torch.zeros(1, 1, 28, 28)
+    blocks, names = build_teacher_blocks(model, x)
     assert len(blocks) == 5
-    blocks = build_teacher_blocks("digits_cnn", 5, {"in_channels": 1, "width": 4}, boundaries=[3, 7])
-    assert [len(b) for b in blocks] == [3, 4, 1]
-    assert blocks[-1](blocks[1](blocks[0](torch.zeros(1, 1, 28, 28)))).shape == (1, 5)
+    blocks, names = build_teacher_blocks(model, x, boundaries=[3, 7])
+    assert names == ["stage2_down", "head"]
+    blocks_by_name, _ = build_teacher_blocks(model, x, boundaries=["stage2_down", "head"])
+    out = blocks[-1](blocks[1](blocks[0](x)))
+    assert out.shape == (1, 5)
+    assert torch.equal(out, blocks_by_name[2](blocks_by_name[1](blocks_by_name[0](x))))
+    with pytest.raises(TeacherError, match="not a child index"):
+        build_teacher_blocks(model, x, boundaries=[9])
 
 
-def test_split_sequential_custom() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.LazyLinear(2))
-    blocks = split_sequential(model, [2, 4])
-    assert [len(b) for b in blocks] == [2, 2, 1]
-    assert blocks[0][0] is model[0] and blocks[2][0] is model[4]
-    x = torch.randn(1, 3, 8, 8)
-    out = x
-    for block in blocks:
-        out = block(out)
-    assert torch.equal(out, model(x))
-    assert len(split_sequential(model, [])) == 1
-    with pytest.raises(TeacherError, match="nn.Sequential"):
-        split_sequential(nn.Linear(2, 2), [1])
+def test_class_path_teacher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_teacher.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, width=4, classes=3):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, width, 3, stride=2, padding=1)\n"
+        "        self.conv2 = nn.Conv2d(width, width, 3, stride=2, padding=1)\n"
+        "        self.fc = nn.Linear(width, classes)\n\n"
+        "    def forward(self, x):\n"
+        "        x = torch.relu(self.conv2(torch.relu(self.conv(x))))\n"
+        "        return self.fc(x.mean((2, 3)))\n\n"
+        "def make(**kwargs):\n"
+        "    return Net(**kwargs)\n\n"
+        "NOT_A_MODEL = 3\n"
+        "def not_a_module():\n"
+        "    return 'model'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for path in ("my_teacher:make", "my_teacher.Net"):
+        model = build_teacher(TeacherConfig(class_path=path, init_args={"width": 6}), tmp_path)
+        assert model.conv.out_channels == 6
+        blocks, names = build_teacher_blocks(model, torch.randn(2, 3, 16, 16))
+        assert names == ["conv2", "mean"]  # the functional mean starts the head
+    with pytest.raises(TeacherError, match="rejects init_args"):
+        build_teacher(TeacherConfig(class_path="my_teacher:make", init_args={"depth": 2}), tmp_path)
+    with pytest.raises(TeacherError, match="returned a str, not a torch.nn.Module"):
+        build_teacher(TeacherConfig(class_path="my_teacher:not_a_module"), tmp_path)
+    with pytest.raises(TeacherError, match="has no attribute 'Nett'"):
+        build_teacher(TeacherConfig(class_path="my_teacher:Nett"), tmp_path)
+    with pytest.raises(TeacherError, match="no module named 'nowhere_teacher'"):
+        build_teacher(TeacherConfig(class_path="nowhere_teacher:make"), tmp_path)
+    with pytest.raises(TeacherError, match="not a class or function"):
+        build_teacher(TeacherConfig(class_path="my_teacher:NOT_A_MODEL"), tmp_path)
 
 
-@pytest.mark.parametrize("bounds", [[0, 2], [2, 2], [3, 1], [1, 5], [1.5]])
-def test_bad_boundaries_message(bounds: list) -> None:
-    layers = [nn.Identity() for _ in range(5)]
-    with pytest.raises(TeacherError) as info:
-        split_layers(layers, bounds)
-    msg = str(info.value)
-    assert str(bounds) in msg
-    assert "5 teacher layers" in msg and "1..4" in msg and "strictly increasing" in msg
+def test_class_path_beside_the_config(tmp_path: Path) -> None:
+    (tmp_path / "teacher_beside_config.py").write_text(
+        "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(),"
+        " nn.LazyLinear(2))\n")
+    model = build_teacher(TeacherConfig(class_path="teacher_beside_config:make"), tmp_path)
+    assert isinstance(model, nn.Sequential)
 
 
-def test_bad_head_index() -> None:
-    with pytest.raises(TeacherError, match="head_index=0"):
-        default_boundaries([nn.Identity(), nn.Identity()], 0, torch.zeros(1, 1, 4, 4))
+def test_module_file_teacher(tmp_path: Path) -> None:
+    model, _ = _saved_model("resnet18", tmp_path)
+    torch.save(model, tmp_path / "whole.pt")
+    loaded = build_teacher(TeacherConfig(module="whole.pt"), tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model(x))
+    with pytest.raises(TeacherWeightsNotFoundError, match="torch.save"):
+        build_teacher(TeacherConfig(module="absent.pt"), tmp_path)
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    with pytest.raises(TeacherError, match="not an nn.Module"):
+        build_teacher(TeacherConfig(module="state.pt"), tmp_path)
 
 
 def test_unknown_arch_lists_valid() -> None:
     with pytest.raises(TeacherError) as info:
-        build_teacher_model("vgg11", 10)
-    assert "vgg11" in str(info.value)
-    assert all(arch in str(info.value) for arch in TEACHER_ARCHS)
-    with pytest.raises(ValueError, match="resnet18"):
-        teacher_layers("vgg", nn.Sequential())
+        build_teacher_model("resnet19", 10)
+    msg = str(info.value)
+    assert "resnet19" in msg and "resnet18" in msg and "class_path" in msg
+    assert all(arch in msg for arch in BUILTIN_ARCHS)
 
 
 def test_bad_kwargs() -> None:
     with pytest.raises(TeacherError, match="depth"):
         build_teacher_model("digits_cnn", 10, {"depth": 3})
+    with pytest.raises(TeacherError, match="width"):
+        build_teacher_model("digits_cnn", 10, {"width": 0})
     with pytest.raises(TeacherError, match="bogus"):
         build_teacher_model("resnet18", 10, {"bogus": 1})
     with pytest.raises(TeacherError, match="num_classes"):

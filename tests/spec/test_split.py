@@ -1,0 +1,123 @@
+"""Tests of nni_pipebd.spec.split: exact splits of traced models at named modules, defaults, split points, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision.models as tvm
+from torch import nn
+
+from nni_pipebd.spec.split import SplitError, split_model, trace_model
+
+# Six families, split at module names; the ones marked * have functional ops between the named modules
+# (resnet: torch.flatten; mobilenet_v2: F.adaptive_avg_pool2d + torch.flatten; shufflenet: x.mean([2, 3]);
+# regnet / efficientnet: flatten).
+NAMED_SPLITS = {
+    "resnet18": ({}, ["layer2", "layer3", "layer4", "fc"]),  # *
+    "mobilenet_v2": ({"width_mult": 0.35}, ["features.3", "features.11", "classifier"]),  # *
+    "shufflenet_v2_x0_5": ({}, ["stage2", "stage4", "conv5", "fc"]),  # *
+    "regnet_x_400mf": ({}, ["trunk_output.block2", "trunk_output.block4", "fc"]),
+    "efficientnet_b0": ({}, ["features.3", "features.5", "avgpool"]),
+    "densenet121": ({}, ["features.transition1", "features.denseblock3", "classifier"]),
+    "squeezenet1_1": ({}, ["features.5", "features.9", "classifier"]),
+    "convnext_tiny": ({}, ["features.2", "features.4", "classifier"]),
+}
+
+
+def _compose(blocks, x):
+    for block in blocks:
+        x = block(x)
+    return x
+
+
+@pytest.mark.parametrize("arch", list(NAMED_SPLITS))
+def test_named_split_composes_exactly(arch: str) -> None:
+    kwargs, names = NAMED_SPLITS[arch]
+    torch.manual_seed(0)
+    model = tvm.get_model(arch, weights=None, num_classes=10, **kwargs).eval()
+    blocks, used = split_model(model, torch.randn(2, 3, 64, 64), names)
+    assert used == names and len(blocks) == len(names) + 1
+    for batch in (1, 3):  # other batch sizes than the probe's
+        x = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            assert torch.equal(_compose(blocks, x), model(x))
+    # blocks share the model's modules (no copies): the teacher's weights are the blocks' weights
+    ids = {id(p) for block in blocks for p in block.parameters()}
+    assert ids == {id(p) for p in model.parameters()}
+
+
+class Branchy(nn.Module):
+    """A user model: functional ops between modules, a residual, a parameter used functionally."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.scale = nn.Parameter(torch.full((16, 1, 1), 0.5))
+        self.unused = nn.Linear(2, 2)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + self.b(torch.relu(self.a(x)))
+        x = self.down(x) * self.scale
+        x = torch.flatten(x.mean((2, 3)), 1)
+        return self.fc(x)
+
+
+def test_user_model_defaults_points_and_functional_ops() -> None:
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    x = torch.randn(2, 3, 16, 16)
+    blocks, names = split_model(model, x)
+    assert names == ["down", "mean"]
+    with torch.no_grad():
+        assert torch.equal(_compose(blocks, x), model(x))
+    traced = trace_model(model, x)
+    points = traced.split_points()
+    assert [p.name for p in points] == ["relu", "a", "down", "mul", "mean", "flatten", "fc"]
+    assert points[0].shape == (8, 8, 8) and points[-1].shape == (16,)
+    macs = [p.macs_before for p in points]
+    assert macs == sorted(macs) and 0 < macs[-1] < traced.total_macs
+
+
+@pytest.mark.parametrize("boundaries, message", [
+    (["b"], r"2 values cross it \(relu, relu_1\).*inside a branch.*near it: \["),
+    (["dwon"], r"no module 'dwon'; close names: \['down'"),
+    (["unused"], "module 'unused' is never called"),
+    (["stem"], "where the model starts"),
+    (["fc", "down"], r"boundaries \['fc', 'down'\] are not in execution order"),
+    ([7], "not a child index"),
+    ([1.5], "must be a module name"),
+])
+def test_split_errors_name_module_reason_and_valid_points(boundaries, message) -> None:
+    with pytest.raises(SplitError, match=message):
+        split_model(Branchy().eval(), torch.randn(2, 3, 16, 16), boundaries)
+
+
+def test_untraceable_and_multi_input_models() -> None:
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else x
+
+    with pytest.raises(SplitError, match="cannot trace DataDependent.forward with torch.fx"):
+        split_model(DataDependent(), torch.randn(1, 3, 4, 4))
+
+    class TwoInputs(nn.Module):
+        def forward(self, x, y):
+            return x + y
+
+    with pytest.raises(SplitError, match="takes 2 inputs"):
+        split_model(TwoInputs(), torch.randn(1, 3, 4, 4))
+
+
+def test_training_flags_restored() -> None:
+    model = Branchy().train()
+    split_model(model, torch.randn(2, 3, 16, 16))
+    assert all(m.training for m in model.modules())
