@@ -22,7 +22,7 @@ from nni_pipebd.executors.launch import train
 def soak(epochs: int, workers: int = 2, steps: int = 8) -> dict:
     """Run the soak; returns per-rank RSS per epoch and growth after epoch 1 (MB)."""
     config = Config.from_dict({
-        "model": {"teacher": {"arch": "digits_cnn", "num_classes": 10, "kwargs": {"width": 8}},
+        "model": {"teacher": {"arch": "digits_cnn", "num_classes": 10, "kwargs": {"width": 8}, "pretrained": False},
                   "student": {"kind": "dna", "kernels": [3, 5], "expansions": [2, 4]}},
         "data": {"name": "synthetic", "image_size": 16, "batch_size": 16, "num_samples": 128},
         "distill": {"optimizer": "adam", "lr": 1e-3, "epochs": epochs, "max_steps_per_epoch": steps},

@@ -54,6 +54,10 @@ class TeacherConfig:
         When ``checkpoint`` does not exist, train the teacher on the configured data and cache it there.
     train_epochs : int
         Epochs of that teacher training.
+    pretrained : bool
+        The teacher must come with weights (``checkpoint``, ``weights`` or ``module``); a config without them is an
+        error. ``false`` distils a randomly initialised teacher on purpose (benchmarks, tests); the library
+        records it and ``search`` / ``report`` warn.
     boundaries : list of str or int, optional
         Where blocks 1..N-1 start: module names as in ``named_modules()`` (e.g. ``[layer2, layer3, layer4, avgpool]``),
         names of functional ops as listed by ``nni-pipebd blocks``, or indices of the model's direct children.
@@ -70,6 +74,7 @@ class TeacherConfig:
     weights: Optional[str] = None
     train_if_missing: bool = False
     train_epochs: int = 10
+    pretrained: bool = True
     boundaries: Optional[list] = None
 
 
@@ -282,7 +287,7 @@ class Config:
     def with_teacher(self, module_file: Union[str, Path]) -> "Config":
         """A copy whose teacher is the whole model saved in ``module_file`` (see ``spec.teachers.save_teacher_module``)."""
         teacher = {**self.to_dict()["model"]["teacher"], "arch": None, "class_path": None, "init_args": {},
-                   "kwargs": {}, "checkpoint": None, "weights": None, "train_if_missing": False,
+                   "kwargs": {}, "checkpoint": None, "weights": None, "train_if_missing": False, "pretrained": True,
                    "module": str(Path(module_file).resolve())}
         return self.replace(model={"teacher": teacher})
 
@@ -382,6 +387,15 @@ def validate(config: Config) -> None:
         raise ConfigError(f"data.init_args = {config.data.init_args!r} is set without data.class_path")
     if config.data.name in ("cifar10", "imagefolder") and config.data.root is None:
         raise ConfigError(f"data.root must name the {config.data.name} folder (data.name = {config.data.name!r})")
+    has_weights = any(getattr(teacher, key) is not None for key in ("module", "checkpoint", "weights"))
+    if teacher.pretrained and not has_weights:
+        raise ConfigError("model.teacher has no weights (neither checkpoint, weights nor module): the teacher would "
+                          "be randomly initialised; name its trained weights (checkpoint: PATH, with train_if_missing: "
+                          "true to train it here first), or set model.teacher.pretrained: false to distil a random "
+                          "teacher on purpose")
+    if not teacher.pretrained and has_weights:
+        raise ConfigError("model.teacher.pretrained is false but the teacher has weights (checkpoint, weights or "
+                          "module); drop one of them")
 
 
 def _get(config: Any, key: str) -> Any:

@@ -6,11 +6,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, Union
+from typing import Any, Dict, Iterable, Optional, Union
 
 import torch
 
 __all__ = ["FORMAT", "LibraryError", "atomic_save", "block_path", "write_manifest", "load_manifest",
+           "random_teacher_warning",
            "load_block"]
 
 FORMAT = "nni_pipebd.library/1"
@@ -67,7 +68,18 @@ def load_manifest(directory: Union[str, Path]) -> Dict[str, Any]:
         raise LibraryError(f"{path} is not valid JSON ({err}); the library is corrupt, train it again") from err
     if manifest.get("format") != FORMAT:
         raise LibraryError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    teacher = manifest.get("config", {}).get("model", {}).get("teacher", {})
+    if "pretrained" not in teacher:  # written before the key existed: say what it had
+        teacher["pretrained"] = any(teacher.get(key) is not None for key in ("module", "checkpoint", "weights"))
     return manifest
+
+
+def random_teacher_warning(manifest: Dict[str, Any]) -> Optional[str]:
+    """A warning when the library was distilled from a randomly initialised teacher (``pretrained: false``)."""
+    if manifest["config"]["model"]["teacher"].get("pretrained", True):
+        return None
+    return ("this block library was distilled from a randomly initialised teacher (model.teacher.pretrained: "
+            "false): its scores and architectures say nothing about a real task")
 
 
 def load_block(directory: Union[str, Path], index: int) -> Dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ def user_config(**sections) -> Config:
 def tiny_config(tmp_path=None, **sections) -> Config:
     """A small synthetic job: digits_cnn teacher (random weights), 16x16 synthetic data, DNA student."""
     raw = {
-        "model": {"teacher": {"arch": "digits_cnn", "num_classes": 10, "kwargs": {"width": 4}},
+        "model": {"teacher": {"arch": "digits_cnn", "num_classes": 10, "kwargs": {"width": 4}, "pretrained": False},
                   "student": {"kind": "dna", "kernels": [3, 5], "expansions": [2]}},
         "data": {"name": "synthetic", "image_size": 16, "channels": 3, "batch_size": 8, "num_samples": 32},
         "distill": {"optimizer": "sgd", "lr": 0.05, "epochs": 1, "max_steps_per_epoch": 3, "seed": 3},

@@ -4,7 +4,8 @@ from nni_pipebd.config import Config, ConfigError, load_config
 
 
 def test_defaults_and_round_trip(tmp_path):
-    config = Config.from_dict({"data": {"batch_size": 8}, "distill": {"lr": 1}})
+    config = Config.from_dict({"data": {"batch_size": 8}, "distill": {"lr": 1},
+                               "model": {"teacher": {"checkpoint": "t.pt"}}})
     assert config.data.batch_size == 8
     assert config.distill.lr == 1.0 and isinstance(config.distill.lr, float)
     again = Config.from_dict(config.to_dict(), tmp_path)
@@ -47,7 +48,8 @@ def test_bad_values(section, key, value, match):
 
 
 def test_data_names_and_user_data_keys():
-    assert Config.from_dict({"data": {"name": "MNIST", "root": "x"}}).data.name == "MNIST"
+    random_teacher = {"teacher": {"pretrained": False}}
+    assert Config.from_dict({"data": {"name": "MNIST", "root": "x"}, "model": random_teacher}).data.name == "MNIST"
     with pytest.raises(ConfigError, match="data.name = 'digits' and data.class_path"):
         Config.from_dict({"data": {"name": "digits", "class_path": "m:f"}})
     with pytest.raises(ConfigError, match="data.init_args .* without data.class_path"):
@@ -63,8 +65,19 @@ def test_load_config_resolves_relative_paths(tmp_path):
         load_config(tmp_path / "absent.yaml")
 
 
+def test_no_silent_random_teacher():
+    for raw in ({}, {"model": {"teacher": {"arch": "resnet18"}}}, {"model": {"teacher": {"class_path": "m:f"}}}):
+        with pytest.raises(ConfigError, match="no weights .*pretrained: false to distil a random teacher"):
+            Config.from_dict(raw)
+    for weights in ({"checkpoint": "t.pt"}, {"weights": "IMAGENET1K_V1"}, {"module": "m.pt", "arch": None}):
+        assert Config.from_dict({"model": {"teacher": weights}}).model.teacher.pretrained
+        with pytest.raises(ConfigError, match="pretrained is false but the teacher has weights"):
+            Config.from_dict({"model": {"teacher": {**weights, "pretrained": False}}})
+    assert not Config.from_dict({"model": {"teacher": {"pretrained": False}}}).model.teacher.pretrained
+
+
 def test_replace_validates():
-    config = Config()
+    config = Config.from_dict({"model": {"teacher": {"checkpoint": "t.pt"}}})
     assert config.replace(execution={"workers": 3}).execution.workers == 3
     with pytest.raises(ConfigError, match="execution.workers"):
         config.replace(execution={"workers": -1})

@@ -71,7 +71,8 @@ def structure_config(config: Config) -> Config:
     where neither the teacher checkpoint nor the data set is reachable (an NNI tuner, a strategy process).
     """
     raw = config.to_dict()
-    raw["model"]["teacher"].update(checkpoint=None, weights=None, train_if_missing=False)
+    if raw["model"]["teacher"]["module"] is None:
+        raw["model"]["teacher"].update(checkpoint=None, weights=None, train_if_missing=False, pretrained=False)
     raw["data"].update(name="synthetic", root=None, num_samples=2, batch_size=2, num_workers=0)
     raw["execution"].update(plan=None, boundaries=None)
     return Config.from_dict(raw, config.base_dir)

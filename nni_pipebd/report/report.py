@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
-from ..library import load_manifest  # noqa: E402
+from ..library import load_manifest, random_teacher_warning  # noqa: E402
 
 __all__ = ["write_report", "plot_losses", "plot_timeline", "plot_block_scores", "plot_search"]
 
@@ -120,6 +120,9 @@ def write_report(directory: Union[str, Path], out: Union[str, Path, None] = None
     out.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(directory)
     lines = [f"# nni_pipebd run report: `{directory}`", ""]
+    warning = random_teacher_warning(manifest)
+    if warning:
+        lines += [f"> **Warning**: {warning}.", ""]
     lines += extra or []
     counters = manifest["counters"]
     lines += ["## Block library", "",

@@ -18,7 +18,7 @@ from ..config import Config
 from ..data.datasets import build_dataset, make_loader
 from ..data.order import BatchOrder
 from ..job import Job, build_job
-from ..library import block_path, load_block, load_manifest
+from ..library import block_path, load_block, load_manifest, random_teacher_warning
 from .errors import ArchitectureError
 
 __all__ = ["LoadedLibrary", "open_library", "check_sample", "recalibrate_bn", "val_batches", "calib_batches",
@@ -86,6 +86,9 @@ def open_library(directory: Union[str, Path]) -> LoadedLibrary:
     """
     directory = Path(directory)
     manifest = load_manifest(directory)
+    warning = random_teacher_warning(manifest)
+    if warning:
+        _logger.warning("%s: %s", directory, warning)
     config = Config.from_dict(manifest["config"], manifest["base_dir"])
     job = build_job(config)
     if job.num_blocks != manifest["num_blocks"]:

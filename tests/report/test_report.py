@@ -31,6 +31,7 @@ def test_report_from_a_pipebd_run(tmp_path):
     assert main(["report", str(out)]) == 0
     text = (out / "report" / "report.md").read_text()
     assert "pipebd" in text and "![timeline](timeline.png)" in text and "## Plan" in text
+    assert "**Warning**: this block library was distilled from a randomly initialised teacher" in text
     for png in ("losses.png", "timeline.png"):
         data = (out / "report" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
