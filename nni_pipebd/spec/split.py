@@ -193,7 +193,8 @@ class TracedModel:
 
     def head_start(self) -> int:
         """Where the classifier head begins: at the outermost module holding the last layer with parameters, moved
-        back over parameter-free ops outside the feature modules (pooling, flatten)."""
+        back over parameter-free ops outside the feature modules (pooling, flatten) and over trailing pointwise units
+        (a 1x1 convolution that widens the last feature map for the classifier, as in MobileNet and EfficientNet)."""
         with_params = [p for p, node in enumerate(self.ops) if self._has_params(node)]
         if not with_params:
             raise SplitError(f"{type(self.model).__name__} has no layer with parameters; give explicit boundaries")
@@ -209,9 +210,30 @@ class TracedModel:
                 break
             if self.valid(p):
                 head = p
+        while True:  # trailing pointwise feature units (a 1x1 conv to the head's width) belong to the head
+            unit = self._pointwise_unit_before(head)
+            if unit is None:
+                break
+            head = self.first[unit]
         while not self._pools(self.ops[head]) and self.valid(head + 1):  # activations stay with the features
             head += 1
         return head
+
+    def _pointwise_unit_before(self, position: int) -> Optional[str]:
+        """The outermost module ending just before ``position`` if it is a pointwise unit on a feature map: it starts
+        at a split point where a map [C, H, W] crosses, and its layers with parameters are 1x1 convolutions and
+        normalisations only (no spatial convolution, no linear layer)."""
+        for name in self._stack(self.ops[position - 1]):
+            first = self.first[name]
+            if self.last[name] != position - 1 or first == 0 or name not in self.modules:
+                continue
+            if not self.valid(first) or len(self.shape(first)) < 3:
+                return None
+            leaves = [m for m in self.modules[name].modules() if next(m.parameters(recurse=False), None) is not None]
+            pointwise = all((isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)) or "Norm" in type(m).__name__
+                            for m in leaves)
+            return name if pointwise else None
+        return None
 
     def _pools(self, node: fx.Node) -> bool:
         """Whether ``node`` pools or reshapes (changes the shape of its input), as the ops leading to a head do."""

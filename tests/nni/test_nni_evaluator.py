@@ -44,7 +44,7 @@ def test_arguments_are_kept_as_plain_data(tmp_path, monkeypatch):
 def test_yaml_path_and_bad_arguments(tmp_path):
     config = tmp_path / "job.yaml"
     config.write_text("data: {name: synthetic, image_size: 16, batch_size: 8, num_samples: 16}\n"
-                      "model: {teacher: {arch: digits_cnn, kwargs: {width: 4}}}\n")
+                      "model: {teacher: {arch: digits_cnn, kwargs: {width: 4}, pretrained: false}}\n")
     evaluator = BlockwiseDistillation(str(config), str(tmp_path / "lib"))
     assert evaluator.trace_kwargs["config"] == str(config) and evaluator.config.base_dir == str(tmp_path)
     with pytest.raises(ConfigError, match="distill.epochs"):

@@ -27,8 +27,8 @@ SMALL_KWARGS = {
     "digits_cnn": {"width": 8},
 }
 EXPECTED_BOUNDARIES = {
-    "mobilenet_v2": ["features.2", "features.4", "features.7", "features.14", "adaptive_avg_pool2d"],
-    "efficientnet_b0": ["features.2", "features.3", "features.4", "features.6", "avgpool"],
+    "mobilenet_v2": ["features.2", "features.4", "features.7", "features.14", "features.18"],
+    "efficientnet_b0": ["features.2", "features.3", "features.4", "features.6", "features.8"],
     "resnet18": ["layer1", "layer2", "layer3", "layer4", "avgpool"],
     "digits_cnn": ["stage1_down", "stage2_down", "stage3_down", "head"],
 }
