@@ -65,7 +65,8 @@ def resolve_config(config: Union[str, os.PathLike, Mapping[str, Any], Config], b
 
 
 def structure_config(config: Config) -> Config:
-    """``config`` with what only shapes need: no teacher weights, a two-sample synthetic data set of the same size.
+    """``config`` with what only shapes need: no teacher weights, a two-sample synthetic data set of the same size
+    (a ``data.class_path`` factory is kept: it is code, and only it knows its images' shape).
 
     The student space depends on the teacher's block shapes alone, so its labels and candidates can be derived
     where neither the teacher checkpoint nor the data set is reachable (an NNI tuner, a strategy process).
@@ -73,6 +74,7 @@ def structure_config(config: Config) -> Config:
     raw = config.to_dict()
     if raw["model"]["teacher"]["module"] is None:
         raw["model"]["teacher"].update(checkpoint=None, weights=None, train_if_missing=False, pretrained=False)
-    raw["data"].update(name="synthetic", root=None, num_samples=2, batch_size=2, num_workers=0)
+    if raw["data"]["class_path"] is None:  # a user's data factory is code: it is reachable, and only it knows shapes
+        raw["data"].update(name="synthetic", root=None, num_samples=2, batch_size=2, num_workers=0)
     raw["execution"].update(plan=None, boundaries=None)
     return Config.from_dict(raw, config.base_dir)
