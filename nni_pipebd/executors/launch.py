@@ -114,6 +114,12 @@ def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool, resume: bool, config: Config) -> None:
+    flag = "--resume" if resume else "--out"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{flag} {out_dir} is a file, not a folder; the block library needs a folder: choose "
+                              f"another {flag}")
+    if resume and not out_dir.is_dir():
+        raise CheckpointError(f"--resume {out_dir}: no such folder; give the --out folder of the interrupted run")
     checkpoints = out_dir / CHECKPOINTS
     saved_config = checkpoints / "config.json"
     if resume:
@@ -137,7 +143,14 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool, resume: bool, config: Confi
             remove_stale(out_dir, range(load_manifest(out_dir).get("num_blocks", 0)))
         shutil.rmtree(checkpoints, ignore_errors=True)
         _logger.info("replacing the contents of %s", out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".nni_pipebd_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise type(err)(err.errno, f"--out {out_dir}: cannot create or write the folder ({err.strerror}); choose a "
+                                   "writable --out folder") from None
     if config.execution.checkpoint_every:
         checkpoints.mkdir(exist_ok=True)
         atomic_save(config.to_dict(), saved_config)
