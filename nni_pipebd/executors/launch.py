@@ -25,7 +25,7 @@ from ..report.progress import ProgressBars, ProgressWriter
 from ..report.trace import Tracer, busy_fraction, write_chrome_trace
 from .base import WorkerContext, WorkerReport, get_executor, rss_mb
 from .checkpoint import CHECKPOINTS, CheckpointError
-from .stopping import (LeadSignals, RunStopped, StopControl, blocked_signals, die_with_parent, unblock_signals,
+from .stopping import (LeadSignals, RunStopped, StopControl, die_with_parent, ignored_signals,
                        worker_signals)
 
 __all__ = ["train", "WorkerError", "RunStopped", "under_torchrun"]
@@ -180,7 +180,7 @@ def _spawn(world: int, config: Config, out_dir: Path, options: Dict[str, Any], p
     try:
         with LeadSignals(rendezvous) as signals:
             init = f"file://{os.path.join(rendezvous, 'store')}"
-            with blocked_signals():  # the workers start with them blocked, until their own handlers are in place
+            with ignored_signals():  # the workers start ignoring them, until their own handlers are in place
                 context = mp.start_processes(_worker, args=(world, config, str(out_dir), init, options),
                                              nprocs=world, join=False, start_method="spawn")
             try:
@@ -293,7 +293,6 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
     if init_method is not None:  # a process of its own: it dies with its parent and leaves stopping to rank 0
         die_with_parent(options.get("lead_pid"))
         worker_signals(stop, ignore_sigint="lead_pid" in options)  # spawned: Ctrl-C reaches the lead, which asks
-        unblock_signals()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = resolve_device(config, local_rank)
     timeout = datetime.timedelta(seconds=config.execution.timeout_s)

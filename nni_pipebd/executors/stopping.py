@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
-__all__ = ["RunStopped", "LeadSignals", "StopControl", "worker_signals", "die_with_parent", "blocked_signals",
-           "unblock_signals", "STOP_FILE", "STORE_KEY"]
+__all__ = ["RunStopped", "LeadSignals", "StopControl", "worker_signals", "die_with_parent", "ignored_signals",
+           "STOP_FILE", "STORE_KEY"]
 
 _logger = logging.getLogger(__name__)
 
@@ -195,20 +195,21 @@ _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 @contextmanager
-def blocked_signals() -> Iterator[None]:
-    """Block SIGINT and SIGTERM here while processes are started: they inherit the mask, so a signal sent to the
-    process group while they import is held until :func:`unblock_signals` (after their handlers are installed);
-    this process gets its own copy once the block ends."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+def ignored_signals() -> Iterator[None]:
+    """Ignore SIGINT and SIGTERM here while processes are started: a started program inherits an ignored signal
+    (and Python keeps SIGINT ignored), so a signal sent to the process group while the workers import does not kill
+    them; they install their own handlers (:func:`worker_signals`) once ready. Only the main thread can do this
+    (elsewhere nothing changes); this process's handlers are back as soon as the processes are started (a signal
+    that arrives in those milliseconds is lost)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def unblock_signals() -> None:
-    """Deliver the SIGINT / SIGTERM held since start (see :func:`blocked_signals`) to the handlers now installed."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def die_with_parent(parent_pid: Optional[int] = None) -> None:
