@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import shutil
 import tempfile
 import time
@@ -25,7 +26,7 @@ from ..report.progress import ProgressBars, ProgressWriter
 from ..report.trace import Tracer, busy_fraction, write_chrome_trace
 from .base import WorkerContext, WorkerReport, get_executor, rss_mb
 from .checkpoint import CHECKPOINTS, CheckpointError
-from .stopping import (LeadSignals, RunStopped, StopControl, die_with_parent, ignored_signals,
+from .stopping import (LeadSignals, RunStopped, StopControl, die_with_parent, forget_parent, ignored_signals,
                        worker_signals)
 
 __all__ = ["train", "WorkerError", "RunStopped", "under_torchrun"]
@@ -118,8 +119,6 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool, resume: bool, config: Confi
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{flag} {out_dir} is a file, not a folder; the block library needs a folder: choose "
                               f"another {flag}")
-    if resume and not out_dir.is_dir():
-        raise CheckpointError(f"--resume {out_dir}: no such folder; give the --out folder of the interrupted run")
     checkpoints = out_dir / CHECKPOINTS
     saved_config = checkpoints / "config.json"
     if resume:
@@ -290,9 +289,10 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
     options = options or {}
     trace = options.get("trace")
     stop = StopControl(folder=options.get("role_dir"), lead=options.get("lead_signals"))
-    if init_method is not None:  # a process of its own: it dies with its parent and leaves stopping to rank 0
-        die_with_parent(options.get("lead_pid"))
-        worker_signals(stop, ignore_sigint="lead_pid" in options)  # spawned: Ctrl-C reaches the lead, which asks
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if "lead_pid" in options:  # spawned: a process of its own, it dies with the lead and leaves Ctrl-C to it
+        die_with_parent(options["lead_pid"])
+        worker_signals(stop, ignore_sigint=True)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = resolve_device(config, local_rank)
     timeout = datetime.timedelta(seconds=config.execution.timeout_s)
@@ -317,6 +317,9 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
                                f"({type(err).__name__}: {str(err).splitlines()[0]}); {hint}") from err
         group = dist.group.WORLD
         stop.store = _default_store()
+        if "lead_pid" not in options:  # torchrun: it forwards SIGINT / SIGTERM to every worker, rank 0 decides
+            die_with_parent()
+            worker_signals(stop, ignore_sigint=False)
     try:
         start = time.perf_counter()
         job = build_job(config)
@@ -362,6 +365,10 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
         if group is not None:
             dist.destroy_process_group()
         torch.set_num_threads(previous_threads)
+        if init_method is not None and "lead_pid" not in options:  # torchrun: the caller's process lives on
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            forget_parent()
 
 
 def _default_store():

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
-__all__ = ["RunStopped", "LeadSignals", "StopControl", "worker_signals", "die_with_parent", "ignored_signals",
+__all__ = ["RunStopped", "LeadSignals", "StopControl", "worker_signals", "die_with_parent", "forget_parent", "ignored_signals",
            "STOP_FILE", "STORE_KEY"]
 
 _logger = logging.getLogger(__name__)
@@ -224,6 +224,14 @@ def die_with_parent(parent_pid: Optional[int] = None) -> None:
         threading.Thread(target=_watch_parent, args=(expected,), name="nni_pipebd-parent", daemon=True).start()
     if os.getppid() != expected:  # the parent died before the kernel was told
         os._exit(1)
+
+
+def forget_parent() -> None:
+    """Undo :func:`die_with_parent`'s kernel request (a torchrun worker's process outlives its run, e.g. in tests)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, 0, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _watch_parent(expected: int) -> None:
