@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-__all__ = ["main"]
+from .executors.stopping import RunStopped  # standard library only: the CLI's imports stay light
+
+__all__ = ["main", "KNOWN_ERRORS", "one_line", "resume_command"]
 
 _logger = logging.getLogger("nni_pipebd")
 
@@ -233,7 +236,8 @@ def _int_list(text: str, flag: str) -> List[int]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nni-pipebd", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", "--debug", action="store_true",
+                        help="debug logging, and the full traceback of an error")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -338,15 +342,54 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+KNOWN_ERRORS = (ValueError, OSError, RuntimeError, ArithmeticError, LookupError)
+"""What a bad input, a failed worker or a broken file raises: one line (plus its hint) and exit status 2."""
+
+
+def one_line(err: BaseException) -> str:
+    """``Type: message`` on one line (a worker's or a library's multi-line message joined)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return f"{type(err).__name__}: {text}"
+
+
+def resume_command(argv: List[str], out: str) -> str:
+    """The command line that continues a stopped ``train``: the same arguments, ``--resume OUT`` for the folder."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--out", "--resume"):
+            skip = True
+        elif arg == "--overwrite" or arg.startswith(("--out=", "--resume=")):
+            continue
+        else:
+            kept.append(arg)
+    return " ".join(shlex.quote(a) for a in ["nni-pipebd", *kept, "--resume", out])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``nni-pipebd``; returns the exit status."""
+    """Entry point of ``nni-pipebd``; returns the exit status.
+
+    0: done; 2: an error the package knows (one line, with a hint; ``-v`` adds the traceback); 130 / 143: stopped by
+    SIGINT / SIGTERM (a ``train`` stopped that way prints the command that resumes it).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        _logger.error("%s", err)
+    except RunStopped as stopped:
+        if stopped.resumable and stopped.out_dir:
+            _logger.warning("%s; continue with: %s", stopped, resume_command(argv, stopped.out_dir))
+        else:
+            _logger.warning("%s", stopped)
+        return stopped.exit_code
+    except KeyboardInterrupt:
+        _logger.warning("interrupted (SIGINT) before training started; nothing to resume")
+        return 130
+    except KNOWN_ERRORS as err:
+        _logger.error("%s", one_line(err), exc_info=err if args.verbose else None)
         return 2
 
 

@@ -302,14 +302,34 @@ class Config:
 
 
 def load_config(path: Union[str, Path]) -> Config:
-    """Read a YAML config file; relative paths inside resolve against its folder."""
+    """Read a YAML config file; relative paths inside resolve against its folder.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, is not valid YAML (the message gives file, line and column), is empty or does not
+        hold a mapping at its top level, or a value is wrong.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        hint = "; indent with spaces, not tabs" if "\\t" in problem else ""
+        raise ConfigError(f"{where}: invalid YAML: {problem}{hint}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file ({err.reason} at byte {err.start}); give a YAML job file") from None
+    if raw is None:
+        raise ConfigError(f"{path} is empty; a job needs at least the model, data and distill sections (see "
+                          "examples/digits/config.yaml)")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, distill, execution), "
+                          f"got {type(raw).__name__} {str(raw)[:60]!r}")
     return Config.from_dict(raw, path.parent.resolve())
 
 

@@ -98,3 +98,73 @@ def test_blocks_and_train_with_user_teacher_and_data(tmp_path, capsys):
     manifest = json.loads((out / "library.json").read_text())
     assert manifest["num_blocks"] == 4 and manifest["executor"] == "pipebd" and manifest["workers"] == 2
     assert manifest["config"]["data"]["class_path"] == "custom_data:digits"
+
+
+def _error_rows(tmp_path):
+    """(argv, expected message) for every kind of error the package knows, set up in ``tmp_path``."""
+    from conftest import tiny_config
+
+    def job(name, **sections):
+        raw = tiny_config(tmp_path).to_dict()
+        for section, values in sections.items():
+            for key, value in values.items():
+                raw[section][key] = {**raw[section][key], **value} if isinstance(value, dict) else value
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return str(path)
+
+    (tmp_path / "tab.yaml").write_text("data:\n\tbatch_size: 3\n")
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "a_file").write_text("")
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "checkpoints").mkdir(parents=True)
+    (interrupted / "checkpoints" / "config.json").write_text(json.dumps(tiny_config(tmp_path).to_dict()))
+    good = job("good")
+    return [
+        (["train", str(tmp_path / "tab.yaml")], r"ConfigError: .*tab\.yaml:2:1: invalid YAML: .*not tabs"),
+        (["train", str(tmp_path / "empty.yaml")], r"ConfigError: .*empty\.yaml is empty"),
+        (["train", job("value", data={"batch_size": 0})], r"ConfigError: data\.batch_size = 0 must be > 0"),
+        (["train", job("teacher", model={"teacher": {"checkpoint": "absent.pt", "pretrained": True}})], r"absent\.pt"),
+        (["train", job("random", model={"teacher": {"pretrained": True}})], r"ConfigError: model\.teacher has no weights"),
+        (["train", job("split", model={"teacher": {"boundaries": ["stage2_dwn"]}})],
+         r"TeacherError: .*no module 'stage2_dwn'; close names: \['stage2_down'"),
+        (["train", job("import", model={"teacher": {"arch": None, "kwargs": {}, "class_path": "no_such_mod:f"}})],
+         r"TeacherError: .*no module named 'no_such_mod'"),
+        (["train", job("data", data={"name": "imagefolder", "root": "no_such_folder"})], r"no_such_folder"),
+        (["train", job("nan", distill={"lr": 1e30, "max_steps_per_epoch": 6})],
+         r"NonFiniteLossError: block \d: loss is (nan|inf) at step \d"),
+        (["train", good, "--resume", str(interrupted), "--epochs", "3"],
+         r"CheckpointError: cannot resume .* changed config: distill\.epochs \(1 -> 3\)"),
+        (["train", good, "--out", str(tmp_path / "a_file")], r"FileExistsError: --out .*a_file is a file, not a folder"),
+        (["train", good, "--out", str(tmp_path / "a_file" / "sub")], r"--out .*a_file/sub: cannot create or write"),
+        (["train", good, "--executor", "pipebd", "--workers", "9"], r"9 workers > 5 blocks"),
+    ]
+
+
+def test_every_known_error_is_one_line_exit_2(tmp_path, caplog):
+    import re
+
+    for argv, match in _error_rows(tmp_path):
+        caplog.clear()
+        assert main(argv) == 2, argv
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and errors[0].exc_info is None, (argv, caplog.text)
+        message = errors[0].getMessage()
+        assert "\n" not in message and re.search(match, message), (argv, message)
+    assert not list(tmp_path.glob("**/library.json"))
+
+
+def test_error_traceback_only_with_debug(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "tab.yaml").write_text("data:\n\tbatch_size: 3\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}
+    plain = subprocess.run([sys.executable, "-m", "nni_pipebd.cli", "train", "tab.yaml"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)
+    debug = subprocess.run([sys.executable, "-m", "nni_pipebd.cli", "--debug", "train", "tab.yaml"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == debug.returncode == 2
+    assert "Traceback" not in plain.stderr and "tab.yaml:2:1: invalid YAML" in plain.stderr
+    assert "Traceback" in debug.stderr

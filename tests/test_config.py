@@ -81,3 +81,19 @@ def test_replace_validates():
     assert config.replace(execution={"workers": 3}).execution.workers == 3
     with pytest.raises(ConfigError, match="execution.workers"):
         config.replace(execution={"workers": -1})
+
+
+@pytest.mark.parametrize("text,match", [
+    ("data:\n\tbatch_size: 3\n", r"bad\.yaml:2:1: invalid YAML: found character '\\t'.*indent with spaces, not tabs"),
+    ("data: [1, 2\n", r"bad\.yaml:2:1: invalid YAML"),
+    ("", r"bad\.yaml is empty; a job needs at least"),
+    ("# only a comment\n", r"bad\.yaml is empty"),
+    ("- a\n- b\n", r"bad\.yaml: the top level must be a mapping of sections .* got list"),
+    ("just text\n", r"bad\.yaml: the top level must be a mapping of sections .* got str"),
+])
+def test_load_config_names_file_of_bad_yaml(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match) as err:
+        load_config(path)
+    assert "\n" not in str(err.value)

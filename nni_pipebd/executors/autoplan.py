@@ -22,6 +22,7 @@ from ..plan.plan import Plan
 from ..plan.profiler import LinkModel, Profile, load_or_none, profile_job, profile_key
 from ..plan.solver import solve
 from .launch import resolve_device
+from .stopping import die_with_parent, ignored_signals
 
 __all__ = ["cache_path", "get_profile", "auto_plan", "measure_links"]
 
@@ -77,9 +78,12 @@ def measure_links(config: Config, workers: int) -> Tuple[LinkModel, Dict[int, Li
     count = max(count, 2)
     folder = tempfile.mkdtemp(prefix="nni_pipebd_links_")
     try:
-        mp.start_processes(_link_worker, args=(count, folder, device.type, config.execution.backend,
-                                               config.execution.timeout_s),
-                           nprocs=count, join=True, start_method="spawn")
+        with ignored_signals():  # Ctrl-C / SIGTERM reach this process, which ends; the workers die with it
+            context = mp.start_processes(_link_worker, args=(count, folder, device.type, config.execution.backend,
+                                                             config.execution.timeout_s, os.getpid()),
+                                         nprocs=count, join=False, start_method="spawn")
+        while not context.join(timeout=1.0, grace_period=3.0):
+            pass
         raw = json.loads((Path(folder) / "links.json").read_text())
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -111,7 +115,9 @@ def _median_time(fn, device: str, repeats: int = 7) -> float:
     return sorted(times[1:])[repeats // 2]
 
 
-def _link_worker(rank: int, world: int, folder: str, device_type: str, backend: str, timeout_s: float) -> None:
+def _link_worker(rank: int, world: int, folder: str, device_type: str, backend: str, timeout_s: float,
+                 parent: int) -> None:
+    die_with_parent(parent)
     torch.set_num_threads(1)
     if backend == "auto":
         backend = "nccl" if device_type == "cuda" else "gloo"

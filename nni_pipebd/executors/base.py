@@ -15,6 +15,7 @@ from ..job import Job
 from ..report.progress import ProgressWriter
 from ..report.trace import Tracer
 from .checkpoint import Checkpointer, common_step, load_checkpoint
+from .stopping import StopControl
 
 __all__ = ["WorkerContext", "BlockReport", "WorkerReport", "Executor", "register", "get_executor",
            "executor_names", "finish_step", "stage_state", "restore_stage", "rss_mb"]
@@ -35,6 +36,7 @@ class WorkerContext:
     resume: bool = False
     role_dir: Optional[str] = None
     progress: ProgressWriter = field(default_factory=lambda: ProgressWriter(None, 0))
+    stop: StopControl = field(default_factory=StopControl)
 
     def announce(self, role: str) -> None:
         """Tell the launcher what this rank does (named if the rank fails)."""
@@ -144,15 +146,23 @@ def rss_mb(field_name: str = "VmRSS") -> float:
 
 
 def finish_step(ctx: WorkerContext, done: int, total: int, steps_per_epoch: int, trainers, report: WorkerReport,
-                checkpoints: Checkpointer) -> None:
-    """Bookkeeping after a worker's ``done``-th step: progress, epoch ends (losses, memory), due checkpoints."""
+                checkpoints: Checkpointer, last: bool = False) -> None:
+    """Bookkeeping after a worker's ``done``-th step: progress, epoch ends (losses, memory), due checkpoints.
+
+    ``last``: the run stops after this step (a stop was requested): it is checkpointed whatever
+    ``checkpoint_every`` says, and :class:`~nni_pipebd.executors.stopping.RunStopped` is raised — unless this was
+    the run's final step anyway.
+    """
     ctx.progress.update(done, total, report.label)
     if done % steps_per_epoch == 0:
         for block_report in report.blocks.values():
             block_report.end_epoch()
         report.end_epoch()
-    if checkpoints.due(done):
+    stop = last and done < total
+    if checkpoints.due(done) or stop:
         checkpoints.save(done, stage_state(trainers, report))
+    if stop:
+        raise ctx.stop.stop(done)
 
 
 def stage_state(trainers, report: WorkerReport) -> dict:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Deque, List, Optional, Sequence, Tuple
+from typing import Any, Deque, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -12,20 +12,29 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 __all__ = ["allreduce_gradients", "Sender", "Receiver"]
 
 
-def allreduce_gradients(params: List[torch.Tensor], loss: torch.Tensor, group=None) -> torch.Tensor:
+def allreduce_gradients(params: List[torch.Tensor], loss: torch.Tensor, group=None,
+                        stop: Optional[bool] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, bool]]:
     """Sum the gradients (and the loss) over ``group`` in one flat all-reduce.
 
     Each rank's gradients and loss must already be its share of the whole batch (the loss scaled by local
     samples / batch before backward, see ``BlockTrainer.forward_backward``), so the sums are the whole
-    batch's. All ranks must pass the same parameters (the same sampled path). Returns the reduced loss.
+    batch's. All ranks must pass the same parameters (the same sampled path). Returns the reduced loss; with
+    ``stop`` given, also whether any rank passed ``stop=True`` (the flag rides in the same all-reduce).
     """
     tensors = [p.grad for p in params] + [loss.detach().reshape(1)]
+    if stop is not None:
+        tensors.append(torch.full((1,), float(bool(stop)), dtype=loss.dtype, device=loss.device))
     flat = _flatten_dense_tensors(tensors)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     reduced = _unflatten_dense_tensors(flat, tensors)
-    for p, grad in zip(params, reduced[:-1]):
+    for p, grad in zip(params, reduced[:len(params)]):
         p.grad.copy_(grad)
-    return reduced[-1].reshape(())
+    if stop is None:
+        return reduced[-1].reshape(())
+    return reduced[-2].reshape(()), bool(reduced[-1].item() > 0)
+
+
+_DATA, _CONTROL = 0, 1  # message tags: the activation rows, and the step's stop flag beside them
 
 
 class Sender:
@@ -33,19 +42,22 @@ class Sender:
 
     ``routes`` lists (destination rank, lo, hi) in local rows. A sent tensor is kept alive until its sends
     complete; when ``depth`` steps are pending, the oldest is waited for first (with ``timeout``), which bounds
-    how far this stage runs ahead of the next.
+    how far this stage runs ahead of the next. Each step also sends a one-element stop flag to every destination
+    (``True``: this step is the run's last, see :mod:`~nni_pipebd.executors.stopping`).
     """
 
     def __init__(self, routes: Sequence[Tuple[int, int, int]], depth: int, timeout, group=None):
         self.routes, self.depth, self.timeout, self.group = list(routes), depth, timeout, group
         self._pending: Deque[Tuple[torch.Tensor, List[Any]]] = deque()
 
-    def send(self, tensor: torch.Tensor) -> None:
+    def send(self, tensor: torch.Tensor, stop: bool = False) -> None:
         while len(self._pending) >= self.depth:
             self._wait_oldest()
         tensor = tensor.contiguous()
-        works = [dist.isend(tensor[lo:hi], dst, group=self.group) for dst, lo, hi in self.routes]
-        self._pending.append((tensor, works))
+        flag = torch.full((1,), int(bool(stop)), dtype=torch.int64, device=tensor.device)
+        works = [dist.isend(tensor[lo:hi], dst, group=self.group, tag=_DATA) for dst, lo, hi in self.routes]
+        works += [dist.isend(flag, dst, group=self.group, tag=_CONTROL) for dst, _, _ in self.routes]
+        self._pending.append(((tensor, flag), works))
 
     def flush(self) -> None:
         """Wait for every pending send."""
@@ -54,7 +66,7 @@ class Sender:
 
     def _wait_oldest(self) -> None:
         _, works = self._pending.popleft()
-        for (dst, _, _), work in zip(self.routes, works):
+        for (dst, _, _), work in zip(self.routes + self.routes, works):
             _wait(work, self.timeout, f"send to rank {dst}")
 
 
@@ -64,13 +76,16 @@ class Receiver:
     ``routes`` lists (source rank, lo, hi) in local rows of a buffer of ``shape``. Receives for ``depth``
     steps are posted ahead into preallocated buffers (shapes agreed at setup); the tensor returned by
     :meth:`recv` stays valid until the next call. ``total`` is the number of steps, so nothing is left posted.
+    After :meth:`recv`, :attr:`stop` tells whether a sender marked that step as the run's last.
     """
 
     def __init__(self, routes: Sequence[Tuple[int, int, int]], shape: Sequence[int], dtype: torch.dtype,
                  device: torch.device, depth: int, total: int, timeout, group=None):
         self.routes, self.timeout, self.group = list(routes), timeout, group
         self._free = [torch.empty(tuple(shape), dtype=dtype, device=device) for _ in range(depth + 1)]
-        self._pending: Deque[Tuple[torch.Tensor, List[Any]]] = deque()
+        self._device = device
+        self._pending: Deque[Tuple[torch.Tensor, List[torch.Tensor], List[Any]]] = deque()
+        self.stop = False
         self._to_post = total
         self._lent: Optional[torch.Tensor] = None
         for _ in range(depth):
@@ -79,8 +94,11 @@ class Receiver:
     def _post(self) -> None:
         if self._to_post > 0 and self._free:
             buffer = self._free.pop()
-            works = [dist.irecv(buffer[lo:hi], src, group=self.group) for src, lo, hi in self.routes]
-            self._pending.append((buffer, works))
+            flags = [torch.zeros(1, dtype=torch.int64, device=self._device) for _ in self.routes]
+            works = [dist.irecv(buffer[lo:hi], src, group=self.group, tag=_DATA) for src, lo, hi in self.routes]
+            works += [dist.irecv(flag, src, group=self.group, tag=_CONTROL)
+                      for flag, (src, _, _) in zip(flags, self.routes)]
+            self._pending.append((buffer, flags, works))
             self._to_post -= 1
 
     def recv(self) -> torch.Tensor:
@@ -92,9 +110,10 @@ class Receiver:
         if not self._pending:
             raise RuntimeError(f"receive from ranks {[src for src, _, _ in self.routes]}: all expected "
                                "activations were already received")
-        buffer, works = self._pending.popleft()
-        for (src, _, _), work in zip(self.routes, works):
+        buffer, flags, works = self._pending.popleft()
+        for (src, _, _), work in zip(self.routes + self.routes, works):
             _wait(work, self.timeout, f"receive from rank {src}")
+        self.stop = any(bool(flag.item()) for flag in flags)
         self._lent = buffer
         return buffer
 

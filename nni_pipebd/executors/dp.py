@@ -20,12 +20,17 @@ __all__ = ["DataParallelExecutor", "train_block_on_prefix"]
 def train_block_on_prefix(ctx: WorkerContext, job: Job, index: int, report: WorkerReport, rank: int = 0,
                           world: int = 1, hook=None, group=None, scale: float = 1.0, checkpoint=None,
                           start: Optional[dict] = None, step_base: int = 0,
-                          progress_total: Optional[int] = None) -> BlockTrainer:
+                          progress_total: Optional[int] = None, leader: bool = True) -> BlockTrainer:
     """Train block ``index`` for all epochs, re-running teacher blocks 0..index on every batch (shard).
 
-    ``report.blocks[index]`` collects the losses. ``checkpoint(steps_done, trainer)`` is called after every
-    step but the block's last; ``start`` is a :meth:`BlockTrainer.full_state` to continue from, and
-    ``step_base`` the worker's steps before this block (for fault injection). Returns the trained trainer.
+    ``report.blocks[index]`` collects the losses. ``checkpoint(steps_done, trainer, force)`` is called after every
+    step but the block's last (``force``: a stop was decided, write it whatever ``checkpoint_every`` says);
+    ``start`` is a :meth:`BlockTrainer.full_state` to continue from, and ``step_base`` the worker's steps before
+    this block (for fault injection). ``hook(params, loss, stop) -> (loss, stop)`` reduces gradients and the stop
+    flag over the workers; ``leader``: this worker may decide a stop (rank 0 of a group, every worker alone).
+    A stop decided at the block's last step returns normally with ``ctx.stop.pending`` set (the caller saves the
+    block, then stops); elsewhere it raises :class:`~nni_pipebd.executors.stopping.RunStopped` (after the
+    checkpoint, or without one when there is no ``checkpoint``). Returns the trained trainer.
     """
     device, tracer = ctx.device, ctx.tracer
     teacher = [block.to(device) for block in job.spec.teacher[:index + 1]]
@@ -44,6 +49,7 @@ def train_block_on_prefix(ctx: WorkerContext, job: Job, index: int, report: Work
                 images = next(batches, None)
             if images is None:
                 break
+            last = ctx.stop.poll(leader)
             inject(ctx.rank, step_base + done)
             x = images[0].to(device)
             report.count("samples_loaded", len(x))
@@ -56,7 +62,7 @@ def train_block_on_prefix(ctx: WorkerContext, job: Job, index: int, report: Work
                 loss = trainer.forward_backward(x, y, scale)
             if hook is not None:
                 with tracer.span("comm"):
-                    loss = hook(trainer.parameters_with_grad(), loss)
+                    loss, last = hook(trainer.parameters_with_grad(), loss, last)
             with tracer.span("student"):
                 trainer.apply(loss)
             block_report.add(float(loss))
@@ -66,7 +72,11 @@ def train_block_on_prefix(ctx: WorkerContext, job: Job, index: int, report: Work
                 block_report.end_epoch()
                 report.end_epoch()
             if checkpoint is not None and done < job.steps_per_block:
-                checkpoint(done, trainer)
+                checkpoint(done, trainer, last)
+            if last:
+                if done < job.steps_per_block:
+                    raise ctx.stop.stop(step_base + done if checkpoint is not None else None)
+                ctx.stop.pending = True
     return trainer
 
 
@@ -93,8 +103,8 @@ class DataParallelExecutor(Executor):
         weight = shard_sizes(job.config.data.batch_size, world)[ctx.rank] / job.config.data.batch_size
         hook: Optional[object] = None
         if world > 1:
-            def hook(params, loss):
-                return allreduce_gradients(params, loss, ctx.group)
+            def hook(params, loss, stop):
+                return allreduce_gradients(params, loss, ctx.group, stop)
         report = WorkerReport(ctx.rank, label=f"rank {ctx.rank}: 1/{world} of every batch, blocks in turn")
         ctx.announce(report.label)
         keys = [f"rank{r}" for r in range(world)]
@@ -107,17 +117,20 @@ class DataParallelExecutor(Executor):
             report.counters = dict(state["counters"])
 
         for i in range(done // spb, job.num_blocks):
-            def checkpoint(steps_done, trainer, i=i):
-                if checkpoints.due(i * spb + steps_done):
+            def checkpoint(steps_done, trainer, force=False, i=i):
+                if force or checkpoints.due(i * spb + steps_done):
                     checkpoints.save(i * spb + steps_done, stage_state([trainer], report))
 
             start = state["trainers"][i] if state is not None and i == done // spb and done % spb else None
             trainer = train_block_on_prefix(ctx, job, i, report, ctx.rank, world, hook, ctx.group, weight,
-                                            checkpoint, start, i * spb, job.num_blocks * spb)
+                                            checkpoint, start, i * spb, job.num_blocks * spb, ctx.rank == 0)
             if ctx.rank == 0:
                 save_block(i, trainer.state_dict())
-            if checkpoints.every:  # the block is saved: a resume starts with the next one
+            stop = ctx.stop.pending and i + 1 < job.num_blocks
+            if checkpoints.every or stop:  # the block is saved: a resume starts with the next one
                 checkpoints.save((i + 1) * spb, stage_state([], report))
+            if stop:
+                raise ctx.stop.stop((i + 1) * spb)
         if ctx.rank != 0:
             report.blocks = {}
         return report

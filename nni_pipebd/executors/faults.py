@@ -1,9 +1,14 @@
-"""Fault injection for tests: ``NNI_PIPEBD_FAULT="rank=R,step=S[,kind=raise|kill]"`` fails rank R at step S."""
+"""Fault injection for tests: ``NNI_PIPEBD_FAULT="rank=R,step=S[,kind=raise|kill|slow]"`` fails rank R at step S.
+
+``slow`` does not fail: it makes rank R sleep ``seconds`` (default 0.3) before every step from S on, so that a test can
+signal a run while it trains.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 __all__ = ["ENV", "InjectedFault", "inject"]
 
@@ -23,8 +28,13 @@ def inject(rank: int, step: int) -> None:
         fields = dict(item.split("=", 1) for item in spec.split(","))
         target_rank, target_step = int(fields["rank"]), int(fields["step"])
         kind = fields.get("kind", "raise")
+        seconds = float(fields.get("seconds", 0.3))
     except (KeyError, ValueError):
-        raise ValueError(f"{ENV} = {spec!r}; expected 'rank=R,step=S[,kind=raise|kill]'") from None
+        raise ValueError(f"{ENV} = {spec!r}; expected 'rank=R,step=S[,kind=raise|kill|slow][,seconds=X]'") from None
+    if kind == "slow":
+        if rank == target_rank and step >= target_step:
+            time.sleep(seconds)
+        return
     if rank != target_rank or step != target_step:
         return
     if kind == "kill":

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import shutil
 import tempfile
 import time
@@ -25,8 +26,10 @@ from ..report.progress import ProgressBars, ProgressWriter
 from ..report.trace import Tracer, busy_fraction, write_chrome_trace
 from .base import WorkerContext, WorkerReport, get_executor, rss_mb
 from .checkpoint import CHECKPOINTS, CheckpointError
+from .stopping import (LeadSignals, RunStopped, StopControl, die_with_parent, forget_parent, ignored_signals,
+                       worker_signals)
 
-__all__ = ["train", "WorkerError", "under_torchrun"]
+__all__ = ["train", "WorkerError", "RunStopped", "under_torchrun"]
 
 _logger = logging.getLogger(__name__)
 
@@ -68,6 +71,15 @@ def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
         The teacher itself, instead of the config's: it is saved whole into ``out_dir`` (``teacher-<hash>.pt``) and
         every worker loads it from there, so its class must be importable (defined in a module, not in ``__main__``
         of an interactive session); its weights travel in the file. The library's config names that file.
+
+    Raises
+    ------
+    RunStopped
+        A SIGINT or SIGTERM asked the run to stop: every rank stopped after the same step and checkpointed it
+        (``resume=True`` continues it, bitwise as if never stopped); a second signal stops at once, without a
+        checkpoint. ``library.json`` is not written. A ``KeyboardInterrupt``.
+    WorkerError
+        A worker failed; the others were stopped.
     """
     if teacher is not None:
         from ..spec.teachers import save_teacher_module
@@ -79,6 +91,7 @@ def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
     out_dir = Path(out_dir)
     rank = int(os.environ.get("RANK", 0)) if under_torchrun() else 0
     trace = None if trace is None else str(trace)
+    original = config
     if rank == 0:
         _prepare_out_dir(out_dir, overwrite, resume, config)
         prepare_teacher(config)
@@ -90,19 +103,30 @@ def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
         _logger.info("automatic hybrid distribution for %d workers (saved to %s):\n%s", world, path, plan.grid())
         config = config.replace(execution={"plan": str(path.resolve())})
     options = {"trace": trace, "resume": resume}
-    if under_torchrun():
-        _worker(int(os.environ["RANK"]), world, config, str(out_dir), "env://", options)
-    elif world == 1 and not executor_cls.needs_process_group:
-        with tempfile.TemporaryDirectory(prefix="nni_pipebd_progress_") as folder:
-            with ProgressBars(folder, 1, enabled=progress):
-                _worker(0, 1, config, str(out_dir), None, {**options, "progress_dir": folder})
-    else:
-        executor_cls(config).check(world, build_job(config).num_blocks)  # fail here, not in every worker
-        _spawn(world, config, out_dir, options, progress)
+    try:
+        if under_torchrun():
+            _worker(int(os.environ["RANK"]), world, config, str(out_dir), "env://", options)
+        elif world == 1 and not executor_cls.needs_process_group:
+            with tempfile.TemporaryDirectory(prefix="nni_pipebd_progress_") as folder, LeadSignals() as signals:
+                with ProgressBars(folder, 1, enabled=progress):
+                    _worker(0, 1, config, str(out_dir), None, {**options, "progress_dir": folder,
+                                                               "lead_signals": signals})
+        else:
+            executor_cls(config).check(world, build_job(config).num_blocks)  # fail here, not in every worker
+            _spawn(world, config, out_dir, options, progress)
+    except RunStopped as stopped:
+        if rank == 0 and stopped.resumable and not (out_dir / CHECKPOINTS / "config.json").is_file():
+            atomic_save(original.to_dict(), out_dir / CHECKPOINTS / "config.json")  # what --resume compares with
+        _logger.warning("%s", RunStopped(stopped.signum, stopped.step, str(out_dir)))
+        raise RunStopped(stopped.signum, stopped.step, str(out_dir)) from None
     return load_manifest(out_dir) if rank == 0 else None
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool, resume: bool, config: Config) -> None:
+    flag = "--resume" if resume else "--out"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{flag} {out_dir} is a file, not a folder; the block library needs a folder: choose "
+                              f"another {flag}")
     checkpoints = out_dir / CHECKPOINTS
     saved_config = checkpoints / "config.json"
     if resume:
@@ -126,7 +150,14 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool, resume: bool, config: Confi
             remove_stale(out_dir, range(load_manifest(out_dir).get("num_blocks", 0)))
         shutil.rmtree(checkpoints, ignore_errors=True)
         _logger.info("replacing the contents of %s", out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".nni_pipebd_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise type(err)(err.errno, f"--out {out_dir}: cannot create or write the folder ({err.strerror}); choose a "
+                                   "writable --out folder") from None
     if config.execution.checkpoint_every:
         checkpoints.mkdir(exist_ok=True)
         atomic_save(config.to_dict(), saved_config)
@@ -144,23 +175,65 @@ def _changed_keys(before: Dict[str, Any], after: Dict[str, Any], where: str = ""
 
 
 def _spawn(world: int, config: Config, out_dir: Path, options: Dict[str, Any], progress: bool = False) -> None:
-    """Start ``world`` workers; if one fails, the others are stopped and the root cause is named."""
+    """Start ``world`` workers; if one fails, the others are stopped and the root cause is named.
+
+    SIGINT / SIGTERM to this process (or its process group) ask the workers to stop after a common step with a
+    checkpoint (:class:`RunStopped`); a second signal kills them at once. Workers die with this process, however
+    it dies (``PR_SET_PDEATHSIG``).
+    """
     rendezvous = tempfile.mkdtemp(prefix="nni_pipebd_rdzv_")
-    options = {**options, "role_dir": rendezvous, "progress_dir": rendezvous}
+    options = {**options, "role_dir": rendezvous, "progress_dir": rendezvous, "lead_pid": os.getpid()}
+    context = None
     try:
-        init = f"file://{os.path.join(rendezvous, 'store')}"
-        context = mp.start_processes(_worker, args=(world, config, str(out_dir), init, options), nprocs=world,
-                                     join=False, start_method="spawn")
-        try:
-            with ProgressBars(rendezvous, world, enabled=progress):
-                while not context.join(timeout=1.0):
-                    pass
-        except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
-            exit_codes = {rank: process.exitcode for rank, process in enumerate(context.processes)}
-            raise WorkerError(_diagnose(rendezvous, world, exit_codes, err)
-                              + f"; the other workers were stopped{_resume_hint(config, out_dir)}") from None
+        with LeadSignals(rendezvous) as signals:
+            init = f"file://{os.path.join(rendezvous, 'store')}"
+            with ignored_signals():  # the workers start ignoring them, until their own handlers are in place
+                context = mp.start_processes(_worker, args=(world, config, str(out_dir), init, options),
+                                             nprocs=world, join=False, start_method="spawn")
+            try:
+                with ProgressBars(rendezvous, world, enabled=progress):
+                    while not context.join(timeout=1.0, grace_period=3.0):
+                        pass
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+                exit_codes = {rank: process.exitcode for rank, process in enumerate(context.processes)}
+                if signals.requested and any(Path(rendezvous, f"rank{r}.stopped").is_file() for r in range(world)):
+                    raise RunStopped(signals.signum) from None  # ls: ranks stop independently, none resumable
+                raise WorkerError(_diagnose(rendezvous, world, exit_codes, err)
+                                  + f"; the other workers were stopped{_resume_hint(config, out_dir)}") from None
+            stopped = _stopped(rendezvous, world)
+            if stopped is not None:
+                raise stopped
     finally:
+        if context is not None:
+            _kill(context.processes)
         shutil.rmtree(rendezvous, ignore_errors=True)
+
+
+def _kill(processes) -> None:
+    """SIGKILL the workers still running and reap them (a forced stop, or this process is leaving)."""
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    for process in processes:
+        process.join(timeout=10)
+
+
+def _stopped(rendezvous: str, world: int) -> Optional[RunStopped]:
+    """The stop every rank reported (``rank<r>.stopped``: signal and step), else ``None`` (the run finished)."""
+    reports = {}
+    for rank in range(world):
+        path = Path(rendezvous, f"rank{rank}.stopped")
+        if path.is_file():
+            signum, _, step = path.read_text().partition(" ")
+            reports[rank] = (int(signum), None if step in ("", "None") else int(step))
+    if not reports:
+        return None
+    steps = {step for _, step in reports.values()}
+    if len(reports) < world or len(steps) > 1:
+        raise WorkerError(f"the workers stopped inconsistently: {reports} (rank: (signal, step)) of {world} ranks; "
+                          "the checkpoints may not share a step — resume will say so; please report this")
+    signum, step = reports[min(reports)]
+    return RunStopped(signum, step)
 
 
 _PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "a peer may have failed",
@@ -223,6 +296,11 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
     """Body of every worker: join the group, build the job, run the executor, gather reports to rank 0."""
     options = options or {}
     trace = options.get("trace")
+    stop = StopControl(folder=options.get("role_dir"), lead=options.get("lead_signals"))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if "lead_pid" in options:  # spawned: a process of its own, it dies with the lead and leaves Ctrl-C to it
+        die_with_parent(options["lead_pid"])
+        worker_signals(stop, ignore_sigint=True)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = resolve_device(config, local_rank)
     timeout = datetime.timedelta(seconds=config.execution.timeout_s)
@@ -246,6 +324,10 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
             raise RuntimeError(f"rank {rank} of {world} could not join the process group at {where} "
                                f"({type(err).__name__}: {str(err).splitlines()[0]}); {hint}") from err
         group = dist.group.WORLD
+        stop.store = _default_store()
+        if "lead_pid" not in options:  # torchrun: it forwards SIGINT / SIGTERM to every worker, rank 0 decides
+            die_with_parent()
+            worker_signals(stop, ignore_sigint=False)
     try:
         start = time.perf_counter()
         job = build_job(config)
@@ -253,7 +335,7 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
         executor.check(world, job.num_blocks)
         ctx = WorkerContext(rank, world, local_rank, device, timeout, group, Tracer(enabled=trace is not None),
                             out_dir, bool(options.get("resume")), options.get("role_dir"),
-                            ProgressWriter(options.get("progress_dir"), rank))
+                            ProgressWriter(options.get("progress_dir"), rank), stop)
         if group is not None:
             dist.barrier(group=group)  # start the clocks together
 
@@ -263,9 +345,11 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
         begin = time.time()
         try:
             report = executor.run_worker(ctx, job, save_block)
-        except BaseException as err:
+        except RunStopped as stopped:
             if ctx.role_dir is not None:
-                Path(ctx.role_dir, f"rank{rank}.error").write_text(f"{time.time()} {type(err).__name__}: {err}")
+                Path(ctx.role_dir, f"rank{rank}.stopped").write_text(f"{stopped.signum} {stopped.step}")
+            if group is not None and stopped.step is not None:
+                dist.barrier(group=group)  # every rank stopped after the same step: leave together
             raise
         report.start, report.end, report.spans = begin, time.time(), ctx.tracer.spans
         report.peak_rss_mb = rss_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -279,10 +363,28 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
                 write_chrome_trace(trace, {r.rank: r.spans for r in reports}, {r.rank: r.label for r in reports})
             _write_library(out_dir, config, world, job.num_blocks, reports, time.perf_counter() - start, job)
             shutil.rmtree(Path(out_dir) / CHECKPOINTS, ignore_errors=True)  # the library is complete
+    except RunStopped:
+        raise
+    except BaseException as err:
+        if options.get("role_dir") is not None:  # the launcher names the rank that failed first, and why
+            Path(options["role_dir"], f"rank{rank}.error").write_text(f"{time.time()} {type(err).__name__}: {err}")
+        raise
     finally:
         if group is not None:
             dist.destroy_process_group()
         torch.set_num_threads(previous_threads)
+        if init_method is not None and "lead_pid" not in options:  # torchrun: the caller's process lives on
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            forget_parent()
+
+
+def _default_store():
+    """The process group's key-value store (``None`` where torch hides it)."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
 
 
 def _write_library(out_dir: str, config: Config, world: int, num_blocks: int, reports: List[WorkerReport],

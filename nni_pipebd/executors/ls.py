@@ -25,7 +25,8 @@ def block_assignment(job: Job, workers: int) -> List[List[int]]:
 class TaskParallelExecutor(Executor):
     """Every worker trains its own blocks one after another on whole batches, re-running the teacher prefix
     0..i for each block i; no communication until the end. Bitwise equal to ``reference`` (no batch is split),
-    but each sample is loaded once per block and the teacher prefix runs once per block.
+    but each sample is loaded once per block and the teacher prefix runs once per block. A stop request ends every
+    worker at its next step, without a checkpoint (the baseline is not resumable).
     """
 
     name = "ls"
@@ -47,4 +48,6 @@ class TaskParallelExecutor(Executor):
         for n, i in enumerate(mine):
             trainer = train_block_on_prefix(ctx, job, i, report, step_base=n * spb, progress_total=len(mine) * spb)
             save_block(i, trainer.state_dict())
+            if ctx.stop.pending and n + 1 < len(mine):
+                raise ctx.stop.stop(None)  # ls writes no resumable checkpoints
         return report

@@ -17,6 +17,7 @@ from ..plan.plan import Plan, PlanError, transfers
 from .base import BlockReport, Executor, WorkerContext, WorkerReport, finish_step, register, restore_stage
 from .comm import Receiver, Sender, allreduce_gradients
 from .faults import inject
+from .stopping import RunStopped
 from .syncbn import convert_sync_batchnorm
 
 __all__ = ["PipeBDExecutor", "resolve_plan"]
@@ -87,10 +88,6 @@ class PipeBDExecutor(Executor):
             if group is not None and execution.sync_bn:
                 student = convert_sync_batchnorm(student, group, device.type)
             trainers.append(BlockTrainer(i, student, job.config.distill, job.steps_per_block))
-        hook = None
-        if group is not None:
-            def hook(params, loss):
-                return allreduce_gradients(params, loss, group)
         where = f" (device {j + 1}/{stage.devices})" if stage.devices > 1 else ""
         report = WorkerReport(ctx.rank, label=f"stage {k}{where}: blocks {stage.start}-{stage.stop - 1}")
         report.blocks = {i: BlockReport() for i in stage.blocks}
@@ -117,6 +114,7 @@ class PipeBDExecutor(Executor):
             first = done % steps if epoch == done // steps else 0
             source = iter(job.loader(epoch, j, stage.devices, first)) if k == 0 else None
             for _ in range(first, steps):
+                last = ctx.stop.poll(leader=ctx.rank == 0)  # rank 0 decides; the flag travels with the step
                 inject(ctx.rank, done)
                 if source is not None:
                     with tracer.span("data"):
@@ -125,6 +123,7 @@ class PipeBDExecutor(Executor):
                 else:
                     with tracer.span("recv"):
                         x = receiver.recv()
+                    last = last or receiver.stop
                 pairs = []
                 with tracer.span("teacher"), torch.no_grad():
                     for block in teacher:
@@ -134,13 +133,16 @@ class PipeBDExecutor(Executor):
                 report.count("teacher_block_forwards", rows * len(teacher))
                 if sender is not None:
                     with tracer.span("send"):
-                        sender.send(x)
+                        sender.send(x, last)
                 with tracer.span("student"):
                     losses = [trainer.forward_backward(xi, yi, rows / batch if group is not None else 1.0)
                               for trainer, (xi, yi) in zip(trainers, pairs)]
-                if hook is not None:
+                if group is not None:
                     with tracer.span("comm"):
-                        losses = [hook(trainer.parameters_with_grad(), loss) for trainer, loss in zip(trainers, losses)]
+                        reduced = [allreduce_gradients(trainer.parameters_with_grad(), loss, group, last)
+                                   for trainer, loss in zip(trainers, losses)]
+                    losses = [loss for loss, _ in reduced]
+                    last = any(flag for _, flag in reduced)
                 if not execution.decoupled and ctx.distributed:
                     with tracer.span("wait"):
                         dist.barrier(group=ctx.group)
@@ -149,7 +151,12 @@ class PipeBDExecutor(Executor):
                         trainer.apply(loss)
                         report.blocks[trainer.index].add(float(loss))
                 done += 1
-                finish_step(ctx, done, epochs * steps, steps, trainers, report, checkpoints)
+                try:
+                    finish_step(ctx, done, epochs * steps, steps, trainers, report, checkpoints, last)
+                except RunStopped:
+                    if sender is not None:  # the next stage runs to this step too: let it have its input
+                        sender.flush()
+                    raise
         if sender is not None:
             with tracer.span("send"):
                 sender.flush()

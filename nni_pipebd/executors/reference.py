@@ -42,6 +42,7 @@ class ReferenceExecutor(Executor):
                     images = next(batches, None)
                 if images is None:
                     break
+                last = ctx.stop.poll(leader=True)
                 inject(ctx.rank, done)
                 x = images[0].to(device)
                 report.count("samples_loaded", len(x))
@@ -53,7 +54,7 @@ class ReferenceExecutor(Executor):
                         report.blocks[i].add(trainer.step(x, y))
                     x = y
                 done += 1
-                finish_step(ctx, done, job.config.distill.epochs * steps, steps, trainers, report, checkpoints)
+                finish_step(ctx, done, job.config.distill.epochs * steps, steps, trainers, report, checkpoints, last)
         for i, trainer in enumerate(trainers):
             save_block(i, trainer.state_dict())
         return report

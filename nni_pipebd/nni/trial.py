@@ -53,7 +53,11 @@ def run_trial(params: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Read the parameters (from NNI, or ``--params FILE`` to rerun a trial by hand), run the trial."""
+    """Read the parameters (from NNI, or ``--params FILE`` to rerun a trial by hand), run the trial.
+
+    Returns 0, or 143 / 130 when SIGTERM (``nnictl stop``, a cancelled trial) / SIGINT stopped a distillation: its
+    workers are gone and its checkpoint stays in the library folder for the next experiment to resume.
+    """
     parser = argparse.ArgumentParser(prog="python -m nni_pipebd.nni.trial", description=__doc__)
     parser.add_argument("--params", help="JSON file with a trial's parameters (runs without NNI; nothing reported)")
     args = parser.parse_args(argv)
@@ -72,7 +76,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         _logger.info("NNI trial %s (experiment %s): task %r, CUDA_VISIBLE_DEVICES=%r", nni.get_trial_id(),
                      nni.get_experiment_id(), params.get("task") if isinstance(params, dict) else None,
                      os.environ.get("CUDA_VISIBLE_DEVICES"))
-    run_trial(params)
+    from ..executors.stopping import RunStopped
+
+    try:
+        run_trial(params)
+    except RunStopped as stopped:  # nnictl stop / trial cancel: SIGTERM; the next experiment resumes the run
+        _logger.warning("%s; an experiment with if_exists: reuse resumes it", stopped)
+        return stopped.exit_code
     return 0
 
 
