@@ -56,7 +56,7 @@ def test_yaml_path_and_bad_arguments(tmp_path):
 
 
 def test_structure_config_needs_no_weights_or_data(tmp_path):
-    config = tiny_config(tmp_path, model={"teacher": {"checkpoint": "missing.pt"}},
+    config = tiny_config(tmp_path, model={"teacher": {"checkpoint": "missing.pt", "pretrained": True}},
                          data={"name": "cifar10", "root": "nowhere"})
     structure = structure_config(config)
     assert structure.model.teacher.checkpoint is None and structure.data.name == "synthetic"

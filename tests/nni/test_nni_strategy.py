@@ -141,3 +141,82 @@ def test_dna_on_the_training_service(tmp_path, monkeypatch):
     assert len(trials) == 3 and all(t.status == "SUCCEEDED" for t in trials)
     _check_exported(samples, models, space, 2)
     assert len(samples) == 2
+
+
+_CTRL_C_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config
+from nni.nas.experiment import NasExperiment
+from nni_pipebd.nni import BlockwiseDistillation, BlockwiseDNA
+
+config = tiny_config({root!r}, distill={{"epochs": 4, "max_steps_per_epoch": 6}},
+                     execution={{"executor": "pipebd", "workers": 2}})
+evaluator = BlockwiseDistillation(config, {lib!r}, finetune={{"epochs": 1, "max_steps_per_epoch": 1}})
+experiment = NasExperiment(evaluator.student_space(), evaluator, BlockwiseDNA("params=1M", top_k=1))
+experiment.config.experiment_working_directory = {experiments!r}
+experiment.run(port={port})
+print("run returned", flush=True)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_stops_the_experiment_its_trial_and_workers(tmp_path):
+    """Ctrl-C (SIGINT to the foreground process group) during distillation on NNI's training service: the
+    experiment stops (NNI manager gone, port free) and no process of the run is left — trial and workers included."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+    from pathlib import Path
+
+    import psutil
+
+    from nni_pipebd.executors.faults import ENV
+
+    port, mark = free_port(), uuid.uuid4().hex
+    script = tmp_path / "run_nas.py"
+    script.write_text(_CTRL_C_SCRIPT.format(tests=str(Path(__file__).resolve().parents[1]), root=str(tmp_path),
+                                            lib=str(tmp_path / "lib"), experiments=str(tmp_path / "experiments"),
+                                            port=port))
+    (tmp_path / "home" / "nni-experiments").mkdir(parents=True)
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "NNI_CONFIG_DIR": str(tmp_path / "nni-config"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PYTHONWARNINGS": "ignore",
+           ENV: "rank=0,step=0,kind=slow,seconds=0.5", "NNI_PIPEBD_TEST_MARK": mark}
+
+    def of_the_run():
+        found = []
+        for proc in psutil.process_iter(["pid", "status"]):
+            try:
+                if proc.info["status"] != psutil.STATUS_ZOMBIE and proc.environ().get("NNI_PIPEBD_TEST_MARK") == mark:
+                    found.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return found
+
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and sum("spawn_main" in " ".join(p.cmdline()) for p in of_the_run()) < 2:
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            time.sleep(0.5)
+        assert time.monotonic() < deadline, "the distillation workers did not start"
+        time.sleep(2)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        output, _ = proc.communicate(timeout=90)
+        deadline = time.monotonic() + 20
+        while of_the_run() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = [(p.pid, " ".join(p.cmdline())[:80]) for p in of_the_run()]
+    finally:
+        for leftover in of_the_run():
+            leftover.kill()
+        if proc.poll() is None:
+            proc.kill()
+    assert "KeyboardInterrupt detected" in output, output[-3000:]
+    assert left == [], left
+    assert_released(port)
+    assert not (tmp_path / "lib" / "library.json").exists()
