@@ -1,12 +1,14 @@
-"""NNI 3.0 one-shot supernet workarounds: a mutable ``Repeat`` that may be sampled at depth 0."""
+"""NNI 3.0 one-shot supernet workarounds: ``Repeat`` sampled at depth 0, mixed operators frozen without a bias."""
 
 from __future__ import annotations
 
 from typing import Any, Callable, List
 
+from nni.nas.oneshot.pytorch.supermodule import operation
 from nni.nas.oneshot.pytorch.supermodule.sampling import PathSamplingRepeat
 
-__all__ = ["ZeroDepthPathSamplingRepeat", "supernet_hooks"]
+__all__ = ["ZeroDepthPathSamplingRepeat", "MixedLinear", "MixedConv2d", "MixedBatchNorm2d", "MixedLayerNorm",
+           "MixedMultiHeadAttention", "supernet_hooks"]
 
 
 class ZeroDepthPathSamplingRepeat(PathSamplingRepeat):
@@ -35,6 +37,50 @@ class ZeroDepthPathSamplingRepeat(PathSamplingRepeat):
         finally:
             self._sampled = sampled
 
+class _FreezeWithoutNone:
+    """NNI's ``MixedOperation.freeze`` without the entries ``freeze_weight`` gives as ``None``.
+
+    NNI 3.0 loads ``freeze_weight``'s dict into the frozen operator, ``None`` included, so an operator built without
+    a bias (``MutableConv2d(..., bias=False)``, the usual conv before a BatchNorm) or without affine weights fails
+    with ``Unexpected key(s) in state_dict: "bias"``. The frozen operator lacks those parameters anyway.
+    """
+
+    def freeze(self, sample: Any) -> Any:
+        arguments = {**self.init_arguments}
+        for name, mutable in self.mutable_arguments.items():
+            arguments[name] = mutable.freeze(sample)
+        frozen = self.bound_type(**arguments)
+        frozen.load_state_dict({k: v for k, v in self.freeze_weight(**arguments).items() if v is not None})
+        return frozen
+
+
+class MixedLinear(_FreezeWithoutNone, operation.MixedLinear):
+    """NNI's ``MixedLinear``; frozen also without a bias."""
+
+
+class MixedConv2d(_FreezeWithoutNone, operation.MixedConv2d):
+    """NNI's ``MixedConv2d``; frozen also without a bias."""
+
+
+class MixedBatchNorm2d(_FreezeWithoutNone, operation.MixedBatchNorm2d):
+    """NNI's ``MixedBatchNorm2d``; also without affine weights or running statistics (NNI slices ``None``)."""
+
+    def freeze_weight(self, num_features: Any, **kwargs: Any) -> Any:
+        width = self.num_features if isinstance(num_features, dict) else num_features
+        return {name: None if tensor is None else tensor[:width]
+                for name, tensor in (("weight", self.weight), ("bias", self.bias),
+                                     ("running_mean", self.running_mean), ("running_var", self.running_var))}
+
+
+class MixedLayerNorm(_FreezeWithoutNone, operation.MixedLayerNorm):
+    """NNI's ``MixedLayerNorm``; frozen also without affine weights."""
+
+
+class MixedMultiHeadAttention(_FreezeWithoutNone, operation.MixedMultiHeadAttention):
+    """NNI's ``MixedMultiHeadAttention``; frozen also without biases."""
+
+
 def supernet_hooks() -> List[Callable[..., Any]]:
     """Mutation hooks that go before NNI's defaults in ``RandomOneShot(mutation_hooks=...)``."""
-    return [ZeroDepthPathSamplingRepeat.mutate]
+    mixed = [MixedLinear, MixedConv2d, MixedBatchNorm2d, MixedLayerNorm, MixedMultiHeadAttention]
+    return [ZeroDepthPathSamplingRepeat.mutate, *(op.mutate for op in mixed)]

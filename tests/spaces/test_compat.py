@@ -68,3 +68,39 @@ def test_several_depths_with_zero_sum_the_identity_in():
     space.extra._sampled = None
     with pytest.raises(RuntimeError, match="no depth sampled"):
         space(x)
+
+
+class NoBias(ModelSpace):
+    def __init__(self):
+        super().__init__()
+        import nni
+        from nni.nas.nn.pytorch import MutableBatchNorm2d, MutableConv2d, MutableLinear
+
+        width = nni.choice("w", [2, 4])
+        self.conv = MutableConv2d(3, width, 3, padding=1, bias=False)
+        self.bn = MutableBatchNorm2d(width, affine=False)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = MutableLinear(width, 5, bias=False)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.bn(self.conv(x))).flatten(1))
+
+
+def test_nni_freeze_of_a_mixed_operator_without_bias_still_fails_upstream():
+    space = RandomOneShot().mutate_model(NoBias())
+    with pytest.raises(RuntimeError, match='Unexpected key.*"bias"'):
+        space.freeze({"w": 2})
+
+
+def test_mixed_operators_without_bias_or_affine_weights_freeze_with_their_slices():
+    torch.manual_seed(0)
+    space = RandomOneShot(mutation_hooks=supernet_hooks()).mutate_model(NoBias()).eval()
+    assert type(space.conv).__module__ == "nni_pipebd.spaces.compat"
+    for module in space.modules():
+        if hasattr(module, "resample"):
+            module.resample(memo={"w": 2})
+    x = torch.randn(2, 3, 4, 4)
+    frozen = space.freeze({"w": 2}).eval()
+    assert frozen.conv.bias is None and frozen.conv.weight.shape == (2, 3, 3, 3) and frozen.fc.bias is None
+    assert torch.equal(frozen.conv.weight, space.conv.weight[:2])
+    assert torch.equal(frozen(x), space(x))
