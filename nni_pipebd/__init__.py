@@ -10,6 +10,7 @@ from .config import Config, ConfigError, load_config
 _LAZY = {
     "train": "executors.launch", "WorkerError": "executors.launch", "Job": "job", "build_job": "job",
     "BlockSpec": "spec.blocks", "ShapeMismatchError": "spec.blocks", "DnaBlock": "spaces.dna",
+    "BlockSupernet": "spaces.supernet",
     "StudentSpace": "spaces.dna", "Executor": "executors.base", "register": "executors.base",
     "get_executor": "executors.base", "executor_names": "executors.base",
 }

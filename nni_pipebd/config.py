@@ -80,22 +80,34 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    """The student: a DNA supernet (``dna``) or one fixed path of it (``fixed``).
+    """The student: one block space per teacher block, from a block-space factory.
+
+    The factory is ``class_path`` (yours) or a built-in ``kind``: the DNA MBConv space (``dna``) or one fixed path of
+    it (``fixed``). It is called once per teacher block as ``factory(index=i, shape_in=(C, H, W), shape_out=...,
+    teacher_block=module, **init_args)`` and returns an NNI ``ModelSpace`` (``LayerChoice``, ``Repeat``,
+    ``nni.choice`` in ``MutableConv2d`` ...; trained as a weight-sharing supernet), a plain ``nn.Module`` (a fixed
+    block) or ``None`` (a freshly initialised copy of the teacher block, e.g. for the classifier head).
 
     Parameters
     ----------
     kind : str
-        ``dna`` (supernet blocks with NNI ``LayerChoice``) or ``fixed`` (one path, for compression).
+        ``dna`` (supernet blocks with NNI ``LayerChoice``) or ``fixed`` (one path, for compression); ignored with
+        ``class_path``.
     kernels, expansions : list of int
-        MBConv candidate kernel sizes and expansion ratios.
+        MBConv candidate kernel sizes and expansion ratios (built-in kinds).
     identity : bool
-        Add an identity candidate where stride is 1 and widths match.
+        Add an identity candidate where stride is 1 and widths match (built-in kinds).
     width_mult : float
-        Student width relative to the teacher block's output width (inner layers only).
+        Student width relative to the teacher block's output width (inner layers only; built-in kinds).
     layers : list of int, optional
-        Layers per block; default: derived from the teacher's blocks.
+        Layers per block; default: derived from the teacher's blocks (built-in kinds).
     path : dict or str, optional
         For ``fixed``: an NNI sample dict, or one candidate name (e.g. ``k3e3``) used everywhere.
+    class_path : str, optional
+        ``package.module:function`` (or ``package.module.Class``) of your block-space factory (a module beside the
+        config file is found too); labels must be unique across blocks (put the block index in them).
+    init_args : dict
+        Extra keyword arguments of ``class_path``.
     """
 
     kind: str = "dna"
@@ -105,6 +117,8 @@ class StudentConfig:
     width_mult: float = 1.0
     layers: Optional[list] = None
     path: Optional[Union[dict, str]] = None
+    class_path: Optional[str] = None
+    init_args: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -377,6 +391,12 @@ def validate(config: Config) -> None:
             raise ConfigError(f"model.student.{key} = {values!r} must be a non-empty list of positive ints")
     if any(k % 2 == 0 for k in student.kernels):
         raise ConfigError(f"model.student.kernels = {student.kernels!r} must be odd (same padding)")
+    if student.class_path is not None and student.kind != "dna":
+        raise ConfigError(f"model.student.kind = {student.kind!r} and class_path = {student.class_path!r} both set; "
+                          "kind names a built-in block space and class_path your own — give one (a factory returns "
+                          "a plain nn.Module for a fixed block)")
+    if student.init_args and student.class_path is None:
+        raise ConfigError(f"model.student.init_args = {student.init_args!r} is set without class_path")
     teacher = config.model.teacher
     sources = [key for key in ("arch", "class_path", "module") if getattr(teacher, key) is not None]
     if len(sources) > 1:

@@ -73,7 +73,7 @@ def build_job(config: Config) -> Job:
         model = build_teacher(config.model.teacher, config.base_dir)
     teacher, _ = build_teacher_blocks(model, sample, config.model.teacher.boundaries)
     shapes = teacher_shapes(teacher, sample)
-    space = build_student(config.model.student, teacher, shapes, config.distill.seed)
+    space = build_student(config.model.student, teacher, shapes, config.distill.seed, config.base_dir)
     spec = BlockSpec(teacher, list(space.blocks), sample)
     order = BatchOrder(len(dataset), config.data.batch_size, config.distill.seed,
                        config.distill.max_steps_per_epoch)

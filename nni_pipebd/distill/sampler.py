@@ -10,12 +10,12 @@ __all__ = ["PathSampler"]
 
 
 class PathSampler:
-    """Draws uniform random paths (one candidate per layer) for one supernet block, SPOS/DNA style.
+    """Draws uniform random paths (one candidate per label) for one supernet block, SPOS/DNA style.
 
     Parameters
     ----------
-    choices : mapping of str to list of str
-        Layer label -> candidate names (empty for a fixed block: ``sample`` returns ``{}``).
+    choices : mapping of str to list
+        Label -> candidate values (names, ints, floats; empty for a fixed block: ``sample`` returns ``{}``).
     seed : int
         Run seed.
     block : int
@@ -27,8 +27,8 @@ class PathSampler:
         self.choices = {label: list(names) for label, names in choices.items()}
         self._rng = np.random.default_rng([seed, block])
 
-    def sample(self) -> Dict[str, str]:
-        """The next path: label -> candidate name."""
+    def sample(self) -> Dict[str, Any]:
+        """The next path (an NNI sample dict): label -> candidate value."""
         return {label: names[int(self._rng.integers(len(names)))] for label, names in self.choices.items()}
 
     def state_dict(self) -> Dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ class BlockTrainer:
     index : int
         Block index.
     student : nn.Module
-        The student block (supernet with ``choices``/``set_path``, or fixed).
+        The student block (a supernet with ``choices``/``set_path``, e.g. ``BlockSupernet``, or fixed).
     config : DistillConfig
         Loss, optimizer, schedule, paths per step, seed.
     total_steps : int
@@ -65,7 +65,7 @@ class BlockTrainer:
         self.steps = 0
         self.skipped = 0
         self._buffers: List[torch.Tensor] = []
-        self.last_paths: List[Dict[str, str]] = []
+        self.last_paths: List[Dict[str, Any]] = []
 
     def forward_backward(self, x: torch.Tensor, target: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """Gradients of ``scale`` x the block loss on (x, target), averaged over the sampled paths.

@@ -7,8 +7,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 
-__all__ = ["GroupBatchNorm2d", "convert_group_batchnorm", "convert_sync_batchnorm"]
+__all__ = ["GroupBatchNorm2d", "convert_group_batchnorm", "convert_sync_batchnorm", "is_sliced_batchnorm"]
 
 _REDUCE_DIMS = (0, 2, 3)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -159,11 +160,15 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         Process group to synchronise over; ``None`` is the default (WORLD) group.
     device, dtype : optional
         Factory arguments of the parameters and buffers.
+    sliced : bool
+        Stand in for a width-sliced BatchNorm of a supernet (NNI's path-sampling ``MixedBatchNorm2d``): an input of
+        ``c <= num_features`` channels uses the first ``c`` entries of the weight, bias and running statistics, the
+        running statistics move by ``momentum`` and ``num_batches_tracked`` is not counted — exactly as that layer.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, group: Any = None,
-                 device: Any = None, dtype: Any = None) -> None:
+                 device: Any = None, dtype: Any = None, sliced: bool = False) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, device=device, dtype=dtype)
         if group is not None and dist.is_available() and not isinstance(group, dist.ProcessGroup):
@@ -172,6 +177,7 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
                 f"{type(group).__name__}; create one with torch.distributed.new_group(ranks)"
             )
         self.group = group
+        self.sliced = sliced
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         """Reject inputs that are not NCHW."""
@@ -196,40 +202,48 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
             Normalised tensor of the same shape and dtype.
         """
         self._check_input_dim(input)
-        if not self.training:
-            return super().forward(input)
-        if input.shape[1] != self.num_features:
+        channels = input.shape[1]
+        if self.sliced and channels > self.num_features or not self.sliced and channels != self.num_features:
             raise ValueError(
-                f"GroupBatchNorm2d expects {self.num_features} channels, got input of shape "
-                f"{tuple(input.shape)}; check the num_features of the layer against the previous layer"
+                f"GroupBatchNorm2d expects {'at most ' if self.sliced else ''}{self.num_features} channels, got "
+                f"input of shape {tuple(input.shape)}; check the num_features of the layer against the previous layer"
             )
+        weight, bias, rm, rv = self.weight, self.bias, self.running_mean, self.running_var
+        if self.sliced and channels < self.num_features:
+            weight = None if weight is None else weight[:channels]
+            bias = None if bias is None else bias[:channels]
+            rm = None if rm is None else rm[:channels]
+            rv = None if rv is None else rv[:channels]
+        if not self.training:
+            if not self.sliced:
+                return super().forward(input)
+            return F.batch_norm(input, rm, rv, weight, bias, rm is None and rv is None, 0.0, self.eps)
 
         sync = _should_sync()
         group = self.group if sync else None
         with torch.no_grad():
             mean, var, count = _global_stats(input.detach(), group, sync)
 
-            # same momentum semantics as nn.BatchNorm2d.forward
+            # same momentum semantics as nn.BatchNorm2d.forward (a sliced layer: as NNI's MixedBatchNorm2d)
             exponential_average_factor = 0.0 if self.momentum is None else self.momentum
-            if self.track_running_stats and self.num_batches_tracked is not None:
+            if self.track_running_stats and self.num_batches_tracked is not None and not self.sliced:
                 self.num_batches_tracked.add_(1)
                 if self.momentum is None:
                     exponential_average_factor = 1.0 / float(self.num_batches_tracked)
-            if self.track_running_stats and self.running_mean is not None:
+            if self.track_running_stats and rm is not None:
                 f = exponential_average_factor
                 unbiased = var * (count / (count - 1))
-                rm, rv = self.running_mean, self.running_var
                 rm.copy_((rm.double() * (1.0 - f) + mean.to(rm.device) * f).to(rm.dtype))
                 rv.copy_((rv.double() * (1.0 - f) + unbiased.to(rv.device) * f).to(rv.dtype))
 
             acc = _acc_dtype(input.dtype)
             invstd = torch.rsqrt(var + self.eps).to(acc)
             mean = mean.to(acc)
-        return _GroupBatchNormFunction.apply(input, self.weight, self.bias, mean, invstd, count, group, sync)
+        return _GroupBatchNormFunction.apply(input, weight, bias, mean, invstd, count, group, sync)
 
     def extra_repr(self) -> str:
         """Usual BatchNorm description plus whether a non-default group is used."""
-        base = super().extra_repr()
+        base = super().extra_repr() + (", sliced" if self.sliced else "")
         return base if self.group is None else f"{base}, group=custom"
 
 
@@ -267,6 +281,7 @@ def convert_group_batchnorm(module: nn.Module, group: Any = None) -> nn.Module:
             group=group,
             device=None if ref is None else ref.device,
             dtype=None if ref is None else ref.dtype,
+            sliced=is_sliced_batchnorm(module),
         )
         if module.affine:
             out.weight = module.weight
@@ -307,5 +322,23 @@ def convert_sync_batchnorm(module: nn.Module, group: Any = None, device_type: st
             f"device_type must be a torch device string such as 'cpu' or 'cuda', got {device_type!r}"
         ) from exc
     if kind == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module, group)
+        return _convert_cuda(module, group)
     return convert_group_batchnorm(module, group)
+
+
+def is_sliced_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` is a supernet's width-sliced BatchNorm (NNI's ``MixedBatchNorm2d``, recognised by its
+    mixed-operation interface: ``mutable_arguments`` and ``freeze_weight``)."""
+    return isinstance(module, nn.BatchNorm2d) and hasattr(module, "mutable_arguments") and \
+        hasattr(module, "freeze_weight")
+
+
+def _convert_cuda(module: nn.Module, group: Any) -> nn.Module:
+    """:class:`torch.nn.SyncBatchNorm` for plain BatchNorm layers, a sliced :class:`GroupBatchNorm2d` for sliced ones."""
+    if is_sliced_batchnorm(module):
+        return convert_group_batchnorm(module, group)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GroupBatchNorm2d):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, group)
+    for name, child in module.named_children():
+        module.add_module(name, _convert_cuda(child, group))
+    return module

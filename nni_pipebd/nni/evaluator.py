@@ -246,7 +246,7 @@ class BlockwiseDistillation(Evaluator):
         _logger.info("block library %s: final block losses %s", self.library_dir,
                      {k: round(v, 6) for k, v in final.items() if k.startswith("block_")})
 
-    def evaluate_architecture(self, sample: Mapping[str, str]) -> Dict[str, Any]:
+    def evaluate_architecture(self, sample: Mapping[str, Any]) -> Dict[str, Any]:
         """Build ``sample`` from the library, finetune it (``finetune`` settings), report to NNI; returns the result
         of :func:`~nni_pipebd.search.finetune.finetune` (also written to ``library_dir/finetune_{id}.json``).
 

@@ -116,13 +116,13 @@ def dna_candidates(library_dir: Union[str, Path], settings: SearchSettings) -> L
     return result["architectures"]
 
 
-def predictor_samples(library_dir: Union[str, Path], settings: SearchSettings) -> List[Dict[str, str]]:
+def predictor_samples(library_dir: Union[str, Path], settings: SearchSettings) -> List[Dict[str, Any]]:
     """DONNA: rank the library and draw the ``predictor_archs`` architectures to finetune (seeded)."""
     scores = rank_library(library_dir, settings.ranking, device=settings.device)
     return sample_architectures(scores, settings.predictor_archs, settings.seed)
 
 
-def donna_candidates(library_dir: Union[str, Path], settings: SearchSettings, samples: Sequence[Mapping[str, str]],
+def donna_candidates(library_dir: Union[str, Path], settings: SearchSettings, samples: Sequence[Mapping[str, Any]],
                      accuracies: Sequence[float]) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     """DONNA: fit the predictor on the finetuned ``samples`` and their ``accuracies``, then search the front.
 

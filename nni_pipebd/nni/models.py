@@ -19,7 +19,7 @@ ROLES = ("candidate", "predictor")
 class _FrozenModel(ExecutableModelSpace):
     """An already-frozen executable model: nothing left to choose, serialised as plain data."""
 
-    def __init__(self, evaluator: Any, sample: Optional[Dict[str, str]]):
+    def __init__(self, evaluator: Any, sample: Optional[Dict[str, Any]]):
         super().__init__(ModelStatus.Frozen)
         self.evaluator = evaluator
         self.sample = sample
@@ -88,7 +88,7 @@ class ArchitectureModel(_FrozenModel):
     Parameters
     ----------
     sample : dict
-        ``{label: candidate}`` for every layer choice of the library's space.
+        ``{label: value}`` for every label of the library's space (candidate names, ints, floats).
     evaluator : BlockwiseDistillation
         The job and the library folder.
     role : str
@@ -99,12 +99,12 @@ class ArchitectureModel(_FrozenModel):
         What the search said about it (cost; DNA score or DONNA predicted accuracy).
     """
 
-    def __init__(self, sample: Mapping[str, str], evaluator: Any, role: str = "candidate", rank: int = 0,
+    def __init__(self, sample: Mapping[str, Any], evaluator: Any, role: str = "candidate", rank: int = 0,
                  search: Optional[Mapping[str, Any]] = None):
         if role not in ROLES:
             raise ValueError(f"role = {role!r} is not valid; choose one of {list(ROLES)}")
-        if not isinstance(sample, Mapping) or not all(isinstance(v, str) for v in sample.values()):
-            raise TypeError(f"sample must be a dict {{label: candidate name}}; got {sample!r}")
+        if not isinstance(sample, Mapping) or not all(isinstance(v, (str, int, float)) for v in sample.values()):
+            raise TypeError(f"sample must be a dict {{label: candidate name or number}}; got {sample!r}")
         super().__init__(evaluator, dict(sample))
         self.role = role
         self.rank = int(rank)

@@ -37,18 +37,19 @@ class SpaceMismatchError(ValueError):
 
 
 def space_choices(space: Any) -> Dict[str, List[str]]:
-    """Label -> candidate names of ``space``.
+    """Label -> candidate values of ``space``.
 
     Parameters
     ----------
     space : nni Mutable (ModelSpace, ExecutableModelSpace) or dict
-        An NNI space (its ``simplify()`` must hold only categorical choices, as ``LayerChoice`` gives), a legacy
-        search-space dict (``{label: {"_type": "choice", "_value": [names]}}``) or ``{label: [names]}``.
+        An NNI space (its ``simplify()`` must hold only categorical choices: ``LayerChoice``, ``Repeat`` depths,
+        ``nni.choice``), a legacy search-space dict (``{label: {"_type": "choice", "_value": [values]}}``) or
+        ``{label: [values]}``; values are candidate names, ints or floats.
 
     Raises
     ------
     SpaceMismatchError
-        A label is not a categorical choice over candidate names.
+        A label is not a categorical choice over names or numbers.
     TypeError
         ``space`` is none of the forms above.
     """
@@ -56,9 +57,9 @@ def space_choices(space: Any) -> Dict[str, List[str]]:
         choices = {}
         for label, mutable in space.simplify().items():
             values = getattr(mutable, "values", None)
-            if values is None or not all(isinstance(v, str) for v in values):
+            if values is None or getattr(mutable, "n_chosen", None) is not None or not _scalars(values):
                 raise SpaceMismatchError([label], [], {}, f"the student space ({label} is a "
-                                         f"{type(mutable).__name__}, not a layer choice over candidate names)")
+                                         f"{type(mutable).__name__}, not a categorical choice of names or numbers)")
             choices[label] = list(values)
         return choices
     if isinstance(space, Mapping):
@@ -69,13 +70,18 @@ def space_choices(space: Any) -> Dict[str, List[str]]:
                     raise SpaceMismatchError([label], [], {}, f"the search space ({label} = {entry!r} is not "
                                              "{'_type': 'choice', '_value': [...]})")
                 entry = entry["_value"]
-            if not isinstance(entry, (list, tuple)) or not all(isinstance(v, str) for v in entry):
+            if not isinstance(entry, (list, tuple)) or not _scalars(entry):
                 raise SpaceMismatchError([label], [], {}, f"the search space ({label} = {entry!r} is not a list of "
-                                         "candidate names)")
+                                         "candidate names or numbers)")
             choices[str(label)] = list(entry)
         return choices
     raise TypeError(f"cannot read layer choices from {type(space).__name__}; give an NNI model space, a legacy "
                     "search-space dict or {label: [candidate names]}")
+
+
+def _scalars(values: Sequence[Any]) -> bool:
+    """Whether every value is a candidate name or a number (what a path of a block space holds)."""
+    return all(isinstance(v, (str, int, float)) for v in values)
 
 
 def check_space(given: Mapping[str, Sequence[str]], library: Mapping[str, Sequence[str]],

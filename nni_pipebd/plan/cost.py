@@ -43,20 +43,23 @@ def forward_macs(module: nn.Module, shape_in: Tuple[int, ...]) -> int:
 
 def estimate_block_costs(teacher: Sequence[nn.Module], student: Sequence[nn.Module],
                          shapes: Sequence[Tuple[Tuple[int, ...], Tuple[int, ...]]]) -> List[Tuple[float, float]]:
-    """Per block: (teacher forward MACs, ``STUDENT_STEP_FACTOR`` x student forward MACs averaged over candidates)."""
+    """Per block: (teacher forward MACs, ``STUDENT_STEP_FACTOR`` x student forward MACs averaged over candidates).
+
+    A supernet block (``choices`` / ``freeze``) is measured on frozen paths, so mixed operators count the sliced
+    widths they run, not their largest ones.
+    """
     costs = []
     for t, s, (shape_in, _) in zip(teacher, student, shapes):
-        probe = copy.deepcopy(s).eval()
-        choices = getattr(probe, "choices", {})
-        if choices:
-            width = max(len(names) for names in choices.values())
+        choices = getattr(s, "choices", {})
+        if choices:  # a supernet block: path p takes candidate p of every label, each path measured frozen
+            width = max(len(values) for values in choices.values())
             student_macs = 0.0
             for position in range(width):
-                probe.set_path({label: names[position % len(names)] for label, names in choices.items()})
-                student_macs += forward_macs(probe, shape_in)
+                path = {label: values[position % len(values)] for label, values in choices.items()}
+                student_macs += forward_macs(s.freeze(path).eval(), shape_in)
             student_macs /= width
         else:
-            student_macs = forward_macs(probe, shape_in)
+            student_macs = forward_macs(copy.deepcopy(s).eval(), shape_in)
         costs.append((float(forward_macs(t, shape_in)), STUDENT_STEP_FACTOR * student_macs))
     return costs
 

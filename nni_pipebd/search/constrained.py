@@ -219,7 +219,7 @@ def dna_search(scores: Mapping[str, Any], budget: Budget, top_k: int = 1,
     results = []
     for rank, candidate in enumerate(found):
         choice = {b["index"]: p for b, p in zip(searchable, candidate.indices)}
-        sample: Dict[str, str] = {}
+        sample: Dict[str, Any] = {}
         for b in searchable:
             sample.update(b["paths"][choice[b["index"]]]["path"])
         results.append({

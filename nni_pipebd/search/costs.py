@@ -11,12 +11,11 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from nni.nas.nn.pytorch import LayerChoice
-
 from ..plan.cost import forward_macs
 from .errors import BudgetError
 
-__all__ = ["METRICS", "Budget", "fits", "slack_limit", "parse_budget", "count_params", "path_params", "measure_latency_ms", "module_costs"]
+__all__ = ["METRICS", "Budget", "fits", "slack_limit", "parse_budget", "count_params", "frozen_path", "path_params",
+           "measure_latency_ms", "module_costs"]
 
 METRICS = ("params", "flops", "latency_ms")
 """Budgetable metrics: parameter count, multiply-accumulates of one sample's forward, CPU latency at batch 1."""
@@ -91,18 +90,17 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def path_params(module: nn.Module) -> int:
-    """Parameters a supernet module uses on its active path: every ``LayerChoice`` counts only its chosen candidate.
+def frozen_path(module: nn.Module) -> nn.Module:
+    """``module`` itself, or for a supernet block (``choices``/``path``/``freeze``) its active path frozen: a plain
+    module holding the supernet's weights, whatever the space's mutables (candidates, depths, widths)."""
+    if getattr(module, "choices", {}):
+        return module.freeze(module.path)
+    return module
 
-    For a module without choices this is :func:`count_params`. The chosen candidate is read from the module's
-    ``path`` (``DnaBlock.set_path``).
-    """
-    total = count_params(module)
-    path = getattr(module, "path", {})
-    for sub in module.modules():
-        if isinstance(sub, LayerChoice):
-            total += count_params(sub[path[sub.label]]) - count_params(sub)
-    return total
+
+def path_params(module: nn.Module) -> int:
+    """Parameters a module uses: of a supernet block, those of its active path frozen (:func:`frozen_path`)."""
+    return count_params(frozen_path(module))
 
 
 @torch.no_grad()
@@ -139,8 +137,9 @@ def measure_latency_ms(module: nn.Module, shape_in: Tuple[int, ...], runs: int =
 
 def module_costs(module: nn.Module, shape_in: Tuple[int, ...], latency_runs: int = 5) -> Dict[str, float]:
     """``params``, ``flops`` (MACs of one sample) and ``latency_ms`` (``None`` when ``latency_runs`` is 0) of a
-    module on CPU — a plain module, or a supernet block on its active path; ``module`` is left in eval mode."""
-    module = module.cpu().eval()
+    module on CPU — a plain module, or a supernet block on its active path (measured on that path frozen, see
+    :func:`frozen_path`); ``module`` is left in eval mode."""
+    module = frozen_path(module.cpu().eval()).eval()
     return {
         "params": path_params(module),
         "flops": forward_macs(module, shape_in),

@@ -102,7 +102,7 @@ def _path_lookup(scores: Mapping[str, Any]) -> List[Dict[Tuple[str, ...], int]]:
             for b in _searchable(scores)]
 
 
-def _choice_of(scores: Mapping[str, Any], sample: Mapping[str, str],
+def _choice_of(scores: Mapping[str, Any], sample: Mapping[str, Any],
                lookup: Optional[List[Dict[Tuple[str, ...], int]]] = None) -> List[int]:
     """Index of the scored path of every searchable block that ``sample`` takes."""
     lookup = lookup or _path_lookup(scores)
@@ -120,7 +120,7 @@ def _choice_of(scores: Mapping[str, Any], sample: Mapping[str, str],
     return indices
 
 
-def architecture_features(scores: Mapping[str, Any], samples: Sequence[Mapping[str, str]]) -> np.ndarray:
+def architecture_features(scores: Mapping[str, Any], samples: Sequence[Mapping[str, Any]]) -> np.ndarray:
     """Per-block NSR (blocks with choices, in order) of each architecture: the predictor's input ``[n, blocks]``."""
     lookup = _path_lookup(scores)
     blocks = _searchable(scores)
@@ -128,14 +128,14 @@ def architecture_features(scores: Mapping[str, Any], samples: Sequence[Mapping[s
                      for s in samples], dtype=np.float64).reshape(len(samples), len(blocks))
 
 
-def _sample_of(scores: Mapping[str, Any], genome: Sequence[int]) -> Dict[str, str]:
-    sample: Dict[str, str] = {}
+def _sample_of(scores: Mapping[str, Any], genome: Sequence[int]) -> Dict[str, Any]:
+    sample: Dict[str, Any] = {}
     for block, p in zip(_searchable(scores), genome):
         sample.update(block["paths"][int(p)]["path"])
     return sample
 
 
-def sample_architectures(scores: Mapping[str, Any], count: int, seed: int = 0) -> List[Dict[str, str]]:
+def sample_architectures(scores: Mapping[str, Any], count: int, seed: int = 0) -> List[Dict[str, Any]]:
     """``count`` distinct architectures, each block's path drawn uniformly from its scored paths (seeded)."""
     blocks = _searchable(scores)
     total = int(np.prod([len(b["paths"]) for b in blocks])) if blocks else 1
@@ -201,7 +201,7 @@ def fit_predictor(directory: Union[str, Path], num_archs: int = 8, settings: Fin
     return data
 
 
-def predictor_from_results(scores: Mapping[str, Any], samples: Sequence[Mapping[str, str]],
+def predictor_from_results(scores: Mapping[str, Any], samples: Sequence[Mapping[str, Any]],
                            accuracies: Sequence[float], alpha: float = 0.0) -> Dict[str, Any]:
     """Fit the predictor on architectures whose accuracy is known; returns the fields of ``predictor.json``."""
     features = architecture_features(scores, samples)

@@ -98,12 +98,12 @@ class FinetuneSettings:
                 raise SearchError(f"finetune setting {name} = {value!r} must be an int >= 1 (or None)")
 
 
-def architecture_id(sample: Mapping[str, str]) -> str:
+def architecture_id(sample: Mapping[str, Any]) -> str:
     """A short stable id of an architecture (first 10 hex digits of the SHA-1 of its sorted JSON)."""
     return hashlib.sha1(json.dumps(dict(sample), sort_keys=True).encode()).hexdigest()[:10]
 
 
-def load_architecture(source: Union[str, Path, Mapping[str, Any]]) -> Dict[str, str]:
+def load_architecture(source: Union[str, Path, Mapping[str, Any]]) -> Dict[str, Any]:
     """The NNI sample dict in ``source``: a JSON file (or already-parsed data) holding a sample dict, one
     search result (``{"sample": ...}``) or a search output (``{"architectures": [...]}``, the first is taken).
 
@@ -134,9 +134,9 @@ def load_architecture(source: Union[str, Path, Mapping[str, Any]]) -> Dict[str, 
     return dict(data)
 
 
-def build_network(library: LoadedLibrary, sample: Mapping[str, str]) -> nn.Module:
-    """The architecture ``sample`` as a standalone network (NNI freeze of the student space, deep-copied) holding
-    the library's block weights.
+def build_network(library: LoadedLibrary, sample: Mapping[str, Any]) -> nn.Module:
+    """The architecture ``sample`` as a standalone network holding the library's block weights: NNI's freeze of the
+    student space, each block frozen from its supernet (``BlockSupernet.freeze``), deep-copied.
 
     Raises
     ------
@@ -144,9 +144,6 @@ def build_network(library: LoadedLibrary, sample: Mapping[str, str]) -> nn.Modul
         ``sample`` has unknown or missing labels or invalid candidates (the message lists the valid ones).
     """
     sample = check_sample(library.choices, sample)
-    for block in library.job.spec.student:
-        if getattr(block, "choices", {}):
-            block.set_path(sample)
     return copy.deepcopy(library.job.space.freeze(sample))
 
 
@@ -174,7 +171,7 @@ def evaluate_accuracy(model: nn.Module, dataset: Dataset, batch_size: int,
     return correct / max(total, 1)
 
 
-def finetune(library: Union[str, Path, LoadedLibrary], sample: Mapping[str, str],
+def finetune(library: Union[str, Path, LoadedLibrary], sample: Mapping[str, Any],
              settings: FinetuneSettings = FinetuneSettings(), *, out: Union[str, Path, None] = None,
              save_model: Union[str, Path, None] = None, device: str = "cpu") -> Dict[str, Any]:
     """Build ``sample`` from the library, finetune it end to end with the teacher, evaluate it on the val split.

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from ..library import block_path, load_block, load_manifest, random_teacher_warn
 from .errors import ArchitectureError
 
 __all__ = ["LoadedLibrary", "open_library", "check_sample", "recalibrate_bn", "val_batches", "calib_batches",
-           "relay", "library_fingerprint", "resolve_device", "frozen_copy"]
+           "relay", "library_fingerprint", "resolve_device"]
 
 _logger = logging.getLogger(__name__)
 
@@ -53,15 +52,15 @@ class LoadedLibrary:
         return self.job.num_blocks
 
     @property
-    def choices(self) -> Dict[str, List[str]]:
-        """Label -> candidate names over all student blocks (empty for a fixed student)."""
-        merged: Dict[str, List[str]] = {}
+    def choices(self) -> Dict[str, List[Any]]:
+        """Label -> candidate values over all student blocks (empty for a fixed student)."""
+        merged: Dict[str, List[Any]] = {}
         for block in self.job.spec.student:
             merged.update(getattr(block, "choices", {}))
         return merged
 
-    def block_choices(self, index: int) -> Dict[str, List[str]]:
-        """Label -> candidate names of block ``index`` (empty for a fixed block)."""
+    def block_choices(self, index: int) -> Dict[str, List[Any]]:
+        """Label -> candidate values of block ``index`` (empty for a fixed block)."""
         return dict(getattr(self.job.spec.student[index], "choices", {}))
 
     def val_dataset(self) -> Dataset:
@@ -112,8 +111,9 @@ def library_fingerprint(directory: Union[str, Path], num_blocks: int) -> Dict[st
     return digests
 
 
-def check_sample(choices: Mapping[str, Sequence[str]], sample: Mapping[str, str]) -> Dict[str, str]:
-    """Check that ``sample`` has exactly one valid choice per label of ``choices``; return it as a plain dict.
+def check_sample(choices: Mapping[str, Sequence[Any]], sample: Mapping[str, Any]) -> Dict[str, Any]:
+    """Check that ``sample`` has exactly one valid choice per label of ``choices``; return it as a plain dict (values
+    as the space declares them: candidate names, ints, floats).
 
     Raises
     ------
@@ -127,7 +127,12 @@ def check_sample(choices: Mapping[str, Sequence[str]], sample: Mapping[str, str]
     invalid = {label: sample[label] for label in choices if label in sample and sample[label] not in choices[label]}
     if unknown or missing or invalid:
         raise ArchitectureError(unknown, missing, invalid, {k: list(v) for k, v in choices.items()})
-    return {label: str(sample[label]) for label in choices}
+    return {label: _declared(sample[label], choices[label]) for label in choices}
+
+
+def _declared(value: Any, candidates: Sequence[Any]) -> Any:
+    """The candidate equal to ``value`` (e.g. ``4`` for ``4.0`` read from JSON), as the space declares it."""
+    return next(c for c in candidates if c == value)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -192,10 +197,3 @@ def recalibrate_bn(module: nn.Module, inputs: Sequence[torch.Tensor]) -> nn.Modu
                 m.momentum = momentum
     return module.eval()
 
-
-def frozen_copy(block: nn.Module, path: Mapping[str, str]) -> nn.Module:
-    """An independent plain module of ``block`` running ``path`` (``block`` itself when it has no choice)."""
-    if not getattr(block, "choices", {}):
-        return copy.deepcopy(block)
-    block.set_path(path)
-    return copy.deepcopy(block.freeze(dict(path)))

@@ -68,7 +68,7 @@ class RankingSettings:
 
 
 def block_paths(choices: Mapping[str, Sequence[str]], max_paths: int, seed: int,
-                index: int) -> Tuple[List[Dict[str, str]], int, bool]:
+                index: int) -> Tuple[List[Dict[str, Any]], int, bool]:
     """The paths of one block to score.
 
     Returns

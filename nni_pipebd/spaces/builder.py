@@ -1,39 +1,29 @@
-"""Derive the student blocks from the teacher's blocks: DNA supernet, fixed path, or a fresh head."""
+"""Derive the student blocks from the teacher's blocks: a block-space factory per block, each space an NNI supernet."""
 
 from __future__ import annotations
 
 import copy
-from typing import List, Mapping, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..config import ConfigError, StudentConfig
-from ..spec.blocks import block_seed
-from .dna import BlockGeometry, DnaBlock, StudentSpace
+from nni.nas.nn.pytorch import ModelSpace
 
-__all__ = ["block_geometry", "build_student", "fresh_copy"]
+from ..config import ConfigError, StudentConfig
+from ..imports import import_object
+from ..spec.blocks import block_seed
+from .dna import StudentSpace, block_geometry, dna_space
+from .supernet import BlockSupernet
+
+__all__ = ["BlockFactory", "block_geometry", "build_student", "student_factory", "make_block", "fixed_block",
+           "fresh_copy"]
 
 Shape = Tuple[int, ...]
 
-
-def block_geometry(index: int, teacher_block: nn.Module, shape_in: Shape, shape_out: Shape,
-                   num_layers: Union[int, None] = None) -> BlockGeometry:
-    """Widths, downsampling and layer count a student block needs to replace ``teacher_block``.
-
-    The layer count defaults to the number of spatial (kernel > 1) convolutions in the teacher block.
-    """
-    if len(shape_in) != 3 or len(shape_out) != 3:
-        raise ValueError(f"block {index}: a DNA block maps feature maps [C, H, W]; the teacher block maps "
-                         f"{shape_in} -> {shape_out}")
-    if shape_in[1] % shape_out[1] or shape_in[2] % shape_out[2] or \
-            shape_in[1] // shape_out[1] != shape_in[2] // shape_out[2]:
-        raise ValueError(f"block {index}: the teacher block resizes {shape_in[1:]} -> {shape_out[1:]}, "
-                         "not an integer square downsampling a strided student can follow")
-    if num_layers is None:
-        num_layers = sum(1 for m in teacher_block.modules()
-                         if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1)
-    return BlockGeometry(shape_in[0], shape_out[0], shape_in[1] // shape_out[1], max(1, num_layers))
+BlockFactory = Callable[..., Optional[nn.Module]]
+"""``factory(index=, shape_in=, shape_out=, teacher_block=, **options)`` -> an NNI ``ModelSpace`` (a block space), a
+plain ``nn.Module`` (a fixed block) or ``None`` (a freshly initialised copy of the teacher block)."""
 
 
 def fresh_copy(module: nn.Module) -> nn.Module:
@@ -57,35 +47,22 @@ def _drop_dropout(module: nn.Module) -> nn.Module:
     return module
 
 
-def build_student(config: StudentConfig, teacher: Sequence[nn.Module], shapes: Sequence[Tuple[Shape, Shape]],
-                  seed: int) -> StudentSpace:
-    """Student blocks for ``teacher`` as a :class:`StudentSpace`.
+def fixed_block(index: int, shape_in: Shape, shape_out: Shape, teacher_block: nn.Module, *,
+                path: Union[Mapping[str, Any], str, None], **dna_options: Any) -> Optional[nn.Module]:
+    """The block factory of ``model.student.kind: fixed``: one path of the DNA block space, frozen.
 
-    Feature blocks become :class:`DnaBlock` supernets (``kind: dna``) or one path of them (``kind: fixed``);
-    a block whose output is not a feature map (the classifier head) gets a freshly initialised copy of the
-    teacher block. Block i is initialised from :func:`block_seed` (seed, i), whatever else is built.
+    ``path`` is an NNI sample dict or one candidate name used for every layer (e.g. ``k3e3``); ``dna_options`` are
+    those of :func:`~nni_pipebd.spaces.dna.dna_space`.
     """
-    if config.layers is not None and len(config.layers) != len(teacher):
-        raise ConfigError(f"model.student.layers has {len(config.layers)} entries but the teacher has "
-                          f"{len(teacher)} blocks; give one layer count per block")
-    blocks: List[nn.Module] = []
-    for i, (block, (shape_in, shape_out)) in enumerate(zip(teacher, shapes)):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(block_seed(seed, i))
-            if len(shape_out) != 3:
-                blocks.append(fresh_copy(block))
-                continue
-            layers = None if config.layers is None else config.layers[i]
-            geometry = block_geometry(i, block, shape_in, shape_out, layers)
-            student = DnaBlock(i, geometry, config.kernels, config.expansions, config.identity, config.width_mult)
-            if config.kind == "fixed":
-                student = _freeze(student, config.path, i)
-            blocks.append(student)
-    return StudentSpace(blocks)
+    space = dna_space(index, shape_in, shape_out, teacher_block, **dna_options)
+    if space is None:
+        return None
+    supernet = BlockSupernet(space, index)
+    return supernet.freeze(_fixed_sample(supernet.choices, path, index))
 
 
-def _freeze(block: DnaBlock, path: Union[Mapping[str, str], str, None], index: int) -> nn.Module:
-    choices = block.choices
+def _fixed_sample(choices: Mapping[str, List[Any]], path: Union[Mapping[str, Any], str, None],
+                  index: int) -> Dict[str, Any]:
     if path is None:
         raise ConfigError("model.student.path is required for kind: fixed — an NNI sample dict "
                           "(e.g. {s0_i0: k3e3, ...}) or one candidate name used everywhere (e.g. k3e3)")
@@ -94,13 +71,84 @@ def _freeze(block: DnaBlock, path: Union[Mapping[str, str], str, None], index: i
         if missing:
             raise ConfigError(f"model.student.path = {path!r} is not a candidate of {missing} "
                               f"(block {index}); candidates there: {choices[missing[0]]}")
-        sample = {label: path for label in choices}
-    else:
-        sample = {label: path[label] for label in choices if label in path}
-        absent = sorted(set(choices) - set(sample))
-        if absent:
-            raise ConfigError(f"model.student.path has no choice for {absent} (block {index})")
-    block.set_path(sample)
-    frozen = copy.deepcopy(block.freeze(sample))
-    frozen.path = {}
-    return frozen
+        return {label: path for label in choices}
+    sample = {label: path[label] for label in choices if label in path}
+    absent = sorted(set(choices) - set(sample))
+    if absent:
+        raise ConfigError(f"model.student.path has no choice for {absent} (block {index})")
+    invalid = {label: value for label, value in sample.items() if value not in choices[label]}
+    if invalid:
+        label = next(iter(invalid))
+        raise ConfigError(f"model.student.path: {label} = {invalid[label]!r} is not a candidate (block {index}); "
+                          f"valid: {choices[label]}")
+    return sample
+
+
+def student_factory(config: StudentConfig, num_blocks: int,
+                    base_dir: Optional[str] = None) -> Tuple[BlockFactory, Callable[[int], Dict[str, Any]], str]:
+    """The block factory ``config`` names, the options it gets for block ``i``, and how to name it in errors.
+
+    ``model.student.class_path`` (with ``init_args``) names a user factory; otherwise ``kind`` names a built-in one:
+    ``dna`` (:func:`~nni_pipebd.spaces.dna.dna_space`) or ``fixed`` (:func:`fixed_block`).
+    """
+    if config.class_path is not None:
+        where = f"model.student.class_path = {config.class_path!r}"
+        factory = import_object(config.class_path, "model.student.class_path", base_dir)
+        init_args = dict(config.init_args)
+        return factory, lambda i: dict(init_args), where
+    if config.layers is not None and len(config.layers) != num_blocks:
+        raise ConfigError(f"model.student.layers has {len(config.layers)} entries but the teacher has "
+                          f"{num_blocks} blocks; give one layer count per block")
+
+    def options(i: int) -> Dict[str, Any]:
+        dna = {"kernels": tuple(config.kernels), "expansions": tuple(config.expansions), "identity": config.identity,
+               "width_mult": config.width_mult, "layers": None if config.layers is None else config.layers[i]}
+        return {**dna, "path": config.path} if config.kind == "fixed" else dna
+
+    factory = fixed_block if config.kind == "fixed" else dna_space
+    return factory, options, f"model.student.kind = {config.kind!r}"
+
+
+def make_block(factory: BlockFactory, index: int, teacher_block: nn.Module, shape_in: Shape, shape_out: Shape,
+               options: Mapping[str, Any], where: str = "the block factory") -> nn.Module:
+    """Student block ``index`` from ``factory``: a :class:`BlockSupernet` of a returned ``ModelSpace``, a returned
+    plain module as it is, or a fresh copy of the teacher block for ``None``."""
+    block = factory(index=index, shape_in=tuple(shape_in), shape_out=tuple(shape_out), teacher_block=teacher_block,
+                    **options)
+    if block is None:
+        return fresh_copy(teacher_block)
+    if isinstance(block, ModelSpace):
+        return BlockSupernet(block, index)
+    if isinstance(block, nn.Module):
+        return block
+    raise ConfigError(f"{where} returned a {type(block).__name__} for block {index} ({shape_in} -> {shape_out}); "
+                      "return an NNI ModelSpace (a block space), an nn.Module (a fixed block) or None (a fresh copy "
+                      "of the teacher block)")
+
+
+def build_student(config: StudentConfig, teacher: Sequence[nn.Module], shapes: Sequence[Tuple[Shape, Shape]],
+                  seed: int, base_dir: Optional[str] = None) -> StudentSpace:
+    """Student blocks for ``teacher`` as a :class:`StudentSpace`, one factory call per teacher block.
+
+    Block i is built (and its supernet made) under the seed :func:`block_seed` (seed, i), whatever else is built.
+    Labels must be unique across blocks: a sample dict of the whole student names each block's choices.
+    """
+    factory, options, where = student_factory(config, len(teacher), base_dir)
+    blocks: List[nn.Module] = []
+    for i, (block, (shape_in, shape_out)) in enumerate(zip(teacher, shapes)):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(block_seed(seed, i))
+            blocks.append(make_block(factory, i, block, shape_in, shape_out, options(i), where))
+    check_unique_labels(blocks)
+    return StudentSpace(blocks)
+
+
+def check_unique_labels(blocks: Sequence[nn.Module]) -> None:
+    """Raise :class:`ConfigError` when two blocks share a label (naming both blocks and the label)."""
+    owner: Dict[str, int] = {}
+    for i, block in enumerate(blocks):
+        for label in getattr(block, "choices", {}):
+            if label in owner:
+                raise ConfigError(f"label {label!r} is used by block {owner[label]} and block {i}; labels must be "
+                                  "unique across blocks — put the block index in them (e.g. f'b{index}_width')")
+            owner[label] = i

@@ -1,4 +1,4 @@
-"""DNA student search space: MBConv supernet blocks built with NNI 3.0 ``LayerChoice``."""
+"""DNA student search space: MBConv block spaces built with NNI 3.0 ``LayerChoice``, and its block factory."""
 
 from __future__ import annotations
 
@@ -6,16 +6,19 @@ import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from nni.nas.nn.pytorch import LayerChoice, ModelSpace
 
-__all__ = ["MBConv", "BlockGeometry", "DnaBlock", "StudentSpace", "candidate_name", "path_choices", "SKIP"]
+__all__ = ["MBConv", "BlockGeometry", "DnaBlock", "StudentSpace", "dna_space", "block_geometry", "candidate_name",
+           "path_choices", "SKIP"]
 
 _logger = logging.getLogger(__name__)
+
+Shape = Tuple[int, ...]
 
 SKIP = "skip"
 """Name of the identity candidate."""
@@ -73,13 +76,13 @@ class BlockGeometry:
 
 
 class DnaBlock(ModelSpace):
-    """One DNA supernet block: ``num_layers`` layers, each an NNI ``LayerChoice`` over MBConv kernels x expansions.
+    """One DNA block space: ``num_layers`` layers, each an NNI ``LayerChoice`` over MBConv kernels x expansions.
 
     Layers are labelled ``s{index}_i{layer}`` and candidates ``k{kernel}e{expansion}`` (plus ``skip`` where the
     layer keeps stride 1 and width and ``identity`` is on). The downsampling of the block is spread as stride-2
     layers at its start; inner layers have ``round(out_channels * width_mult)`` channels, the last layer maps to
-    ``out_channels``. The active path (``set_path``) selects which candidate each layer runs; ``freeze(sample)``
-    returns a plain module holding the chosen candidates.
+    ``out_channels``. A plain NNI model space: :class:`~nni_pipebd.spaces.supernet.BlockSupernet` makes it a
+    weight-sharing supernet (NNI's ``PathSamplingLayer``) that runs one path at a time.
 
     Parameters
     ----------
@@ -113,41 +116,52 @@ class DnaBlock(ModelSpace):
             layers.append(LayerChoice(candidates, label=f"s{index}_i{layer}"))
             c_in = c_out
         self.layers = nn.ModuleList(layers)
-        self.path: Dict[str, str] = {}
-
-    @property
-    def choices(self) -> Dict[str, List[str]]:
-        """Label -> candidate names of every layer that still has a choice (empty once frozen)."""
-        return {layer.label: list(layer.names) for layer in self.layers if isinstance(layer, LayerChoice)}
-
-    def set_path(self, sample: Mapping[str, str]) -> None:
-        """Select the candidate each layer runs; ``sample`` may hold labels of other blocks too."""
-        path = {}
-        for label, names in self.choices.items():
-            if label not in sample:
-                raise KeyError(f"block {self.index}: the path has no choice for {label!r}; "
-                               f"it needs one of {names} for each of {sorted(self.choices)}")
-            if sample[label] not in names:
-                raise ValueError(f"block {self.index}: {label} = {sample[label]!r} is not a candidate; valid: {names}")
-            path[label] = sample[label]
-        self.path = path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            if isinstance(layer, LayerChoice):
-                try:
-                    layer = layer[self.path[layer.label]]
-                except KeyError:
-                    raise RuntimeError(f"block {self.index}: no path selected for {layer.label!r}; "
-                                       "call set_path(sample) before forward") from None
             x = layer(x)
         return x
 
 
-class StudentSpace(ModelSpace):
-    """The whole student: one block per teacher block, a ``DnaBlock`` or a fixed module.
+def dna_space(index: int, shape_in: Shape, shape_out: Shape, teacher_block: nn.Module, *,
+              kernels: Sequence[int] = (3, 5, 7), expansions: Sequence[int] = (3, 6), identity: bool = False,
+              width_mult: float = 1.0, layers: Optional[int] = None) -> Optional[DnaBlock]:
+    """The block-space factory of ``model.student.kind: dna``: a :class:`DnaBlock` following the teacher block.
 
-    ``freeze(sample)`` with one choice per label of every block gives a plain network (blocks in order).
+    Called like any user factory (``model.student.class_path``) with the block's geometry; the other arguments are
+    ``model.student``'s DNA options. A block whose output is not a feature map (the classifier head) gets ``None``:
+    the builder then gives it a freshly initialised copy of the teacher block.
+    """
+    if len(shape_out) != 3:
+        return None
+    geometry = block_geometry(index, teacher_block, shape_in, shape_out, layers)
+    return DnaBlock(index, geometry, kernels, expansions, identity, width_mult)
+
+
+def block_geometry(index: int, teacher_block: nn.Module, shape_in: Shape, shape_out: Shape,
+                   num_layers: Union[int, None] = None) -> BlockGeometry:
+    """Widths, downsampling and layer count a student block needs to replace ``teacher_block``.
+
+    The layer count defaults to the number of spatial (kernel > 1) convolutions in the teacher block.
+    """
+    if len(shape_in) != 3 or len(shape_out) != 3:
+        raise ValueError(f"block {index}: a DNA block maps feature maps [C, H, W]; the teacher block maps "
+                         f"{shape_in} -> {shape_out}")
+    if shape_in[1] % shape_out[1] or shape_in[2] % shape_out[2] or \
+            shape_in[1] // shape_out[1] != shape_in[2] // shape_out[2]:
+        raise ValueError(f"block {index}: the teacher block resizes {shape_in[1:]} -> {shape_out[1:]}, "
+                         "not an integer square downsampling a strided student can follow")
+    if num_layers is None:
+        num_layers = sum(1 for m in teacher_block.modules()
+                         if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1)
+    return BlockGeometry(shape_in[0], shape_out[0], shape_in[1] // shape_out[1], max(1, num_layers))
+
+
+class StudentSpace(ModelSpace):
+    """The whole student: one block per teacher block, a block supernet or a fixed module.
+
+    ``freeze(sample)`` with one choice per label of every block gives a plain network (blocks in order) holding the
+    supernets' weights.
 
     Parameters
     ----------
@@ -174,9 +188,9 @@ def _strides(stride: int, num_layers: int, index: int) -> List[int]:
     return [2] * downsample + [1] * (layers - downsample)
 
 
-def path_choices(blocks: Sequence[nn.Module]) -> Dict[str, List[str]]:
-    """All labels -> candidate names across ``blocks`` (fixed blocks contribute nothing)."""
-    choices: Dict[str, List[str]] = {}
+def path_choices(blocks: Sequence[nn.Module]) -> Dict[str, List[Any]]:
+    """All labels -> candidate values across ``blocks`` (fixed blocks contribute nothing)."""
+    choices: Dict[str, List[Any]] = {}
     for block in blocks:
         choices.update(getattr(block, "choices", {}))
     return choices

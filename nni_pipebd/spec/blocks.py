@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -44,10 +44,10 @@ class BlockSpec:
     teacher : list of nn.Module
         T_0..T_{N-1}, frozen (eval mode, no grad) here.
     student : list of nn.Module
-        S_0..S_{N-1}: supernet blocks (with ``choices``/``set_path``) or fixed modules.
+        S_0..S_{N-1}: supernet blocks (with ``choices``/``set_path``, e.g. ``BlockSupernet``) or fixed modules.
     sample : torch.Tensor
-        A small input batch; construction runs it through every block (and every candidate of every layer
-        of a supernet block) and raises :class:`ShapeMismatchError` naming the block and both shapes.
+        A small input batch; construction runs it through every block (and every candidate of every label of a
+        supernet block) and raises :class:`ShapeMismatchError` naming the block, the label and both shapes.
     """
 
     teacher: List[nn.Module]
@@ -71,24 +71,55 @@ class BlockSpec:
         return len(self.teacher)
 
     def _check_students(self) -> None:
-        x = self.sample
+        """Run every student block on its teacher block's input shape, every candidate of every label at least once.
+
+        A supernet block runs ``max(len(candidates))`` paths: path ``p`` takes candidate ``min(p, n - 1)`` of each
+        label. A failing path is narrowed down to the label whose value breaks it (that value on top of the first
+        candidate of every other label), and the error names the block, that label and both shapes.
+        """
         for i, ((shape_in, shape_out), student) in enumerate(zip(self.shapes, self.student)):
             probe = copy.deepcopy(student).eval()
             choices = getattr(probe, "choices", {})
-            sweeps = max((len(names) for names in choices.values()), default=1)
+            sweeps = max((len(values) for values in choices.values()), default=1)
             for position in range(sweeps):
-                if choices:
-                    probe.set_path({label: names[min(position, len(names) - 1)] for label, names in choices.items()})
-                with torch.no_grad():
-                    try:
-                        out = probe(torch.zeros((2,) + shape_in, dtype=x.dtype))
-                    except RuntimeError as err:
-                        raise ShapeMismatchError(
-                            f"block {i}: student block fails on the teacher block's input shape {shape_in}: {err}"
-                        ) from err
-                if tuple(out.shape[1:]) != shape_out:
-                    where = f" (path {probe.path})" if choices else ""
+                path = {label: values[min(position, len(values) - 1)] for label, values in choices.items()}
+                problem = _run(probe, path, shape_in, shape_out, self.sample.dtype)
+                if problem is not None:
+                    where = _culprit(probe, path, choices, shape_in, shape_out, self.sample.dtype)
+                    if isinstance(problem, Exception):
+                        raise ShapeMismatchError(f"block {i}: student block fails on the teacher block's input shape "
+                                                 f"{shape_in}{where}: {problem}") from problem
                     raise ShapeMismatchError(
-                        f"block {i}: student output shape {tuple(out.shape[1:])}{where} != teacher output shape "
-                        f"{shape_out} (block input {shape_in}); make S_{i} map {shape_in} to {shape_out}"
+                        f"block {i}: student output shape {problem}{where} != teacher output shape {shape_out} "
+                        f"(block input {shape_in}); make S_{i} map {shape_in} to {shape_out}"
                     )
+
+
+def _run(probe: nn.Module, path: Dict[str, Any], shape_in: Shape, shape_out: Shape,
+         dtype: torch.dtype) -> Union[None, Shape, Exception]:
+    """``None`` when ``probe`` on ``path`` maps ``shape_in`` to ``shape_out``, else the wrong shape or the error."""
+    if path:
+        probe.set_path(path)
+    with torch.no_grad():
+        try:
+            out = probe(torch.zeros((2,) + tuple(shape_in), dtype=dtype))
+        except (RuntimeError, ValueError) as err:
+            return err
+    shape = tuple(out.shape[1:])
+    return None if shape == tuple(shape_out) else shape
+
+
+def _culprit(probe: nn.Module, path: Dict[str, Any], choices: Dict[str, List[Any]], shape_in: Shape,
+             shape_out: Shape, dtype: torch.dtype) -> str:
+    """`` with LABEL = VALUE (path ...)`` naming the first label whose value alone breaks ``path``, else `` (path ...)``."""
+    if not choices:
+        return ""
+    base = {label: values[0] for label, values in choices.items()}
+    if _run(probe, base, shape_in, shape_out, dtype) is None:
+        for label, value in path.items():
+            if value != base[label] and _run(probe, {**base, label: value}, shape_in, shape_out, dtype) is not None:
+                return f" with {label} = {value!r} (path {path})"
+    elif len(choices) == 1:
+        label = next(iter(choices))
+        return f" with {label} = {path[label]!r} (path {path})"
+    return f" (path {path})"

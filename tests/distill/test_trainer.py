@@ -6,6 +6,7 @@ from nni_pipebd.config import DistillConfig
 from nni_pipebd.distill.loss import get_loss, mse, nmse
 from nni_pipebd.distill.trainer import BlockTrainer, NonFiniteLossError
 from nni_pipebd.spaces.dna import BlockGeometry, DnaBlock
+from nni_pipebd.spaces.supernet import BlockSupernet
 
 
 def test_losses_average_over_samples():
@@ -19,7 +20,7 @@ def test_losses_average_over_samples():
 
 def make(config, steps=20):
     torch.manual_seed(0)
-    block = DnaBlock(0, BlockGeometry(4, 4, 1, 2), kernels=(3,), expansions=(2, 3))
+    block = BlockSupernet(DnaBlock(0, BlockGeometry(4, 4, 1, 2), kernels=(3,), expansions=(2, 3)), 0)
     return BlockTrainer(0, block, config, steps)
 
 

@@ -177,3 +177,34 @@ def test_teacher_instance_is_shipped_to_the_workers(tmp_path, monkeypatch):
     loaded = torch.load(saved["module"], weights_only=False)
     assert torch.equal(loaded.stem[1].running_var, teacher.stem[1].running_var)
     assert_same_blocks(ref, pipe, 4, exact=True)
+
+
+# --- the same guarantees on a user's NNI block space (examples/custom/custom_space.py: LayerChoice, a Repeat over
+# (0, 2) and a width nni.choice in MutableConv2d / MutableBatchNorm2d), trained as NNI one-shot supernets
+
+USER_SPACE = {"student": {"class_path": "custom_space:block_space", "init_args": {"widths": [0.5, 1.0]}}}
+
+
+@pytest.fixture(scope="module")
+def user_space_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("user_space") / "ref"
+    manifest = train(user_config(model=USER_SPACE, distill={"paths_per_step": 2}), out)
+    return out, manifest
+
+
+@pytest.mark.parametrize("execution, exact", [
+    ({"executor": "dp", "workers": 1}, True),
+    ({"executor": "dp", "workers": 2}, False),
+    ({"executor": "ls", "workers": 2}, True),
+    ({"executor": "pipebd", "workers": 2}, True),
+    ({"executor": "pipebd", "workers": 2, "plan": "auto"}, False),
+])
+def test_user_block_space_every_executor(tmp_path, user_space_reference, execution, exact):
+    ref, manifest = user_space_reference
+    other, other_manifest = run_config(tmp_path, "other", user_config(model=USER_SPACE, distill={"paths_per_step": 2},
+                                                                      execution=execution))
+    assert [b["choices"] for b in manifest["blocks"]][1] == {
+        "b1_width": [4, 8], "b1_op": ["conv3", "conv5", "skip"], "b1_depth": [0, 1, 2]}
+    assert_same_blocks(ref, other, 4, exact=exact, rtol=1e-4, atol=1e-5)
+    if exact:
+        assert [b["losses"] for b in other_manifest["blocks"]] == [b["losses"] for b in manifest["blocks"]]

@@ -66,3 +66,28 @@ def test_corrupt_checkpoint_is_named(tmp_path, monkeypatch):
     latest.write_bytes(latest.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=f"{latest.name} cannot be read .* corrupt"):
         train(config(tmp_path, "reference", 1), run, resume=True)
+
+
+# --- resume on a user's NNI block space (examples/custom/custom_space.py), trained as NNI one-shot supernets
+
+from conftest import user_config  # noqa: E402
+
+USER_SPACE = {"student": {"class_path": "custom_space:block_space"}}
+
+
+def user_space_config(executor, workers):
+    return user_config(model=USER_SPACE, distill={"epochs": 2, "max_steps_per_epoch": 3},
+                       execution={"executor": executor, "workers": workers, "checkpoint_every": 2})
+
+
+@pytest.mark.parametrize("executor,workers", [("reference", 1), ("pipebd", 2)])
+def test_resume_on_a_user_block_space_is_bitwise(tmp_path, monkeypatch, executor, workers):
+    whole = train(user_space_config(executor, workers), tmp_path / "whole")
+    run = tmp_path / "run"
+    monkeypatch.setenv(ENV, f"rank={workers - 1},step=4")
+    with pytest.raises((InjectedFault, WorkerError), match="injected fault at rank"):
+        train(user_space_config(executor, workers), run)
+    monkeypatch.delenv(ENV)
+    resumed = train(user_space_config(executor, workers), run, resume=True)
+    assert_same_blocks(tmp_path / "whole", run, 4, exact=True)
+    assert [b["losses"] for b in resumed["blocks"]] == [b["losses"] for b in whole["blocks"]]

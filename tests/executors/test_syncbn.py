@@ -365,3 +365,49 @@ def test_input_errors() -> None:
     torch.testing.assert_close(bn(torch.ones(1, 3, 1, 1)), torch.ones(1, 3, 1, 1) / (1 + bn.eps) ** 0.5)
     with pytest.raises(TypeError, match="nn.Module"):
         convert_group_batchnorm({"weight": torch.ones(2)})  # type: ignore[arg-type]
+
+
+def test_sliced_batchnorm_of_a_supernet_matches_nni_mixed_batchnorm() -> None:
+    """A width-sliced MixedBatchNorm2d (NNI one-shot) converts to a sliced GroupBatchNorm2d with the same math."""
+    import copy
+
+    import nni
+    from nni.nas.nn.pytorch import ModelSpace, MutableBatchNorm2d, MutableConv2d
+
+    from nni_pipebd.executors.syncbn import is_sliced_batchnorm
+    from nni_pipebd.spaces.supernet import BlockSupernet
+
+    class Space(ModelSpace):
+        def __init__(self):
+            super().__init__()
+            width = nni.choice("w", [2, 4])
+            self.conv = MutableConv2d(3, width, 3, padding=1)
+            self.bn = MutableBatchNorm2d(width)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    torch.manual_seed(0)
+    mixed = BlockSupernet(Space(), 0)
+    group = convert_group_batchnorm(copy.deepcopy(mixed))
+    assert is_sliced_batchnorm(mixed.bn) and type(group.bn) is GroupBatchNorm2d and group.bn.sliced
+    x = torch.randn(6, 3, 5, 5)
+    for width in (2, 4, 2):
+        outs = []
+        for net in (mixed, group):
+            net.train()
+            net.set_path({"w": width})
+            net.zero_grad()
+            outs.append(net(x))
+            outs[-1].pow(3).mean().backward()
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+        for (name, a), b in zip(mixed.named_parameters(), group.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+        for (name, a), b in zip(mixed.named_buffers(), group.buffers()):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    assert int(group.bn.num_batches_tracked) == 0  # as NNI's mixed layer, which does not count batches
+    for net in (mixed, group):
+        net.eval()
+    torch.testing.assert_close(group(x), mixed(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="expects at most 4 channels"):
+        group.bn(torch.randn(2, 5, 3, 3))

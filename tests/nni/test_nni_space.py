@@ -46,12 +46,13 @@ def test_bad_search_space_entries():
     with pytest.raises(SpaceMismatchError, match="s0_i0"):
         space_choices({"s0_i0": {"_type": "uniform", "_value": [0, 1]}})
     with pytest.raises(SpaceMismatchError, match="lr"):
-        space_choices({"lr": [0.1, 0.01]})
+        space_choices({"lr": [[0.1], None]})
     with pytest.raises(TypeError, match="legacy search-space dict"):
         space_choices(42)
 
 
-def test_a_space_with_other_mutables_is_rejected():
+def test_numeric_choices_are_labels_too_and_other_mutables_are_rejected():
+    """Block spaces choose widths, depths and ratios as well as candidate names (issue 12)."""
     import nni
     from nni.nas.nn.pytorch import ModelSpace
 
@@ -59,9 +60,18 @@ def test_a_space_with_other_mutables_is_rejected():
         def __init__(self):
             super().__init__()
             self.width = self.add_mutable(nni.choice("width", [8, 16]))
+            self.ratio = self.add_mutable(nni.choice("ratio", [0.25, 0.5]))
 
-    with pytest.raises(SpaceMismatchError, match="width"):
-        space_choices(Space())
+    assert space_choices(Space()) == {"width": [8, 16], "ratio": [0.25, 0.5]}
+    assert space_choices({"depth": [0, 1, 2]}) == {"depth": [0, 1, 2]}
+
+    class Uniform(ModelSpace):
+        def __init__(self):
+            super().__init__()
+            self.lr = self.add_mutable(nni.uniform("lr", 0, 1))
+
+    with pytest.raises(SpaceMismatchError, match="lr"):
+        space_choices(Uniform())
 
 
 def test_cli_writes_the_search_space_and_names_the_meta_file(tmp_path, capsys):

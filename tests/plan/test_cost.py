@@ -7,6 +7,7 @@ from conftest import tiny_config
 from nni_pipebd.job import build_job
 from nni_pipebd.plan.cost import STUDENT_STEP_FACTOR, estimate_block_costs, forward_macs, job_block_costs
 from nni_pipebd.spaces.dna import BlockGeometry, DnaBlock
+from nni_pipebd.spaces.supernet import BlockSupernet
 
 
 def test_forward_macs_counts_convs_and_linears():
@@ -17,7 +18,7 @@ def test_forward_macs_counts_convs_and_linears():
 
 def test_block_cost_averages_candidates():
     teacher = [nn.Conv2d(4, 4, 3, padding=1)]
-    student = DnaBlock(0, BlockGeometry(4, 4, 1, 1), kernels=(3, 5), expansions=(1,))
+    student = BlockSupernet(DnaBlock(0, BlockGeometry(4, 4, 1, 1), kernels=(3, 5), expansions=(1,)), 0)
     shapes = [((4, 4, 4), (4, 4, 4))]
     per_kernel = {k: 16 * 4 * k * k + 16 * 4 * 4 for k in (3, 5)}   # depthwise k x k + 1x1 projection
     expected = (16 * 4 * 4 * 9, STUDENT_STEP_FACTOR * sum(per_kernel.values()) / 2)

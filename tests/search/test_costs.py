@@ -6,6 +6,7 @@ import torch
 from nni_pipebd.search.costs import Budget, count_params, measure_latency_ms, module_costs, parse_budget, path_params
 from nni_pipebd.search.errors import BudgetError
 from nni_pipebd.spaces.dna import BlockGeometry, DnaBlock
+from nni_pipebd.spaces.supernet import BlockSupernet
 
 
 @pytest.mark.parametrize("text, metric, limit", [
@@ -38,7 +39,7 @@ def test_budget_fits_is_inclusive_and_rejects_bad_values():
 
 
 def test_path_costs_equal_the_frozen_module():
-    block = DnaBlock(0, BlockGeometry(4, 8, 2, 2), kernels=(3, 5), expansions=(2, 4))
+    block = BlockSupernet(DnaBlock(0, BlockGeometry(4, 8, 2, 2), kernels=(3, 5), expansions=(2, 4)), 0)
     path = {"s0_i0": "k5e4", "s0_i1": "k3e2"}
     block.set_path(path)
     frozen = block.freeze(path)

@@ -3,10 +3,15 @@ import torch
 from nni.nas.nn.pytorch import LayerChoice
 
 from nni_pipebd.spaces.dna import SKIP, BlockGeometry, DnaBlock, MBConv, StudentSpace
+from nni_pipebd.spaces.supernet import BlockSupernet
+
+
+def supernet(index, geometry, **kwargs):
+    return BlockSupernet(DnaBlock(index, geometry, **kwargs), index)
 
 
 def test_labels_candidates_and_strides():
-    block = DnaBlock(2, BlockGeometry(8, 16, 2, 3), kernels=(3, 5), expansions=(3, 6), identity=True)
+    block = supernet(2, BlockGeometry(8, 16, 2, 3), kernels=(3, 5), expansions=(3, 6), identity=True)
     choices = block.choices
     assert list(choices) == ["s2_i0", "s2_i1", "s2_i2"]
     assert choices["s2_i0"] == ["k3e3", "k3e6", "k5e3", "k5e6"]          # stride 2, width changes: no skip
@@ -16,7 +21,7 @@ def test_labels_candidates_and_strides():
 
 
 def test_stride_four_spreads_over_layers_and_adds_layers():
-    block = DnaBlock(0, BlockGeometry(3, 8, 4, 1))
+    block = supernet(0, BlockGeometry(3, 8, 4, 1))
     assert len(block.layers) == 2
     block.set_path({label: "k3e3" for label in block.choices})
     assert block(torch.randn(1, 3, 16, 16)).shape == (1, 8, 4, 4)
@@ -25,7 +30,7 @@ def test_stride_four_spreads_over_layers_and_adds_layers():
 def test_bad_stride_and_bad_path():
     with pytest.raises(ValueError, match="block 1: .*downsamples by 3"):
         DnaBlock(1, BlockGeometry(3, 8, 3, 2))
-    block = DnaBlock(0, BlockGeometry(4, 4, 1, 1))
+    block = supernet(0, BlockGeometry(4, 4, 1, 1))
     with pytest.raises(KeyError, match="s0_i0"):
         block.set_path({})
     with pytest.raises(ValueError, match="'k9e9' is not a candidate"):
@@ -35,7 +40,7 @@ def test_bad_stride_and_bad_path():
 
 
 def test_freeze_gives_plain_module_sharing_trained_weights():
-    space = StudentSpace([DnaBlock(0, BlockGeometry(3, 8, 2, 2)), DnaBlock(1, BlockGeometry(8, 8, 1, 1))])
+    space = StudentSpace([supernet(0, BlockGeometry(3, 8, 2, 2)), supernet(1, BlockGeometry(8, 8, 1, 1))])
     sample = {"s0_i0": "k3e3", "s0_i1": "k7e6", "s1_i0": "k5e3"}
     assert set(space.simplify()) == set(sample)
     for block in space.blocks:

@@ -2,8 +2,13 @@ import pytest
 import torch
 from torch import nn
 
-from nni_pipebd.spaces.dna import BlockGeometry, DnaBlock
+from nni_pipebd.spaces.dna import BlockGeometry, DnaBlock as _DnaBlock
+from nni_pipebd.spaces.supernet import BlockSupernet
 from nni_pipebd.spec.blocks import BlockSpec, ShapeMismatchError, block_seed
+
+
+def DnaBlock(index, geometry):
+    return BlockSupernet(_DnaBlock(index, geometry), index)
 
 
 def teacher():
@@ -37,3 +42,23 @@ def test_wrong_input_width_and_block_count():
 def test_block_seed_distinct():
     seeds = {block_seed(s, i) for s in range(5) for i in range(10)}
     assert len(seeds) == 50
+
+
+def test_mismatch_names_the_label_and_value_that_break_a_block_space():
+    import nni
+    from nni.nas.nn.pytorch import LayerChoice, ModelSpace, MutableConv2d
+
+    class Space(ModelSpace):
+        def __init__(self):
+            super().__init__()
+            width = nni.choice("b1_width", [16, 12])
+            self.op = LayerChoice({"same": nn.Conv2d(8, 8, 3, 1, 1), "down": nn.Conv2d(8, 8, 3, 2, 1)}, label="b1_op")
+            self.out = MutableConv2d(8, width, 1)
+
+        def forward(self, x):
+            return self.out(self.op(x))
+
+    with pytest.raises(ShapeMismatchError, match=r"block 1: student output shape \(12, 2, 2\) with b1_op = 'down' "
+                                                 r"\(path .*\) != teacher output shape \(16, 4, 4\)"):
+        BlockSpec(teacher(), [DnaBlock(0, BlockGeometry(3, 8, 2, 1)), BlockSupernet(Space(), 1)],
+                  torch.randn(2, 3, 8, 8))

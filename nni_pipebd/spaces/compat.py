@@ -1,0 +1,86 @@
+"""NNI 3.0 one-shot supernet workarounds: ``Repeat`` sampled at depth 0, mixed operators frozen without a bias."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List
+
+from nni.nas.oneshot.pytorch.supermodule import operation
+from nni.nas.oneshot.pytorch.supermodule.sampling import PathSamplingRepeat
+
+__all__ = ["ZeroDepthPathSamplingRepeat", "MixedLinear", "MixedConv2d", "MixedBatchNorm2d", "MixedLayerNorm",
+           "MixedMultiHeadAttention", "supernet_hooks"]
+
+
+class ZeroDepthPathSamplingRepeat(PathSamplingRepeat):
+    """NNI's path-sampling ``Repeat``, also at depth 0 (the identity, as ``Repeat.freeze`` gives ``Sequential()``).
+
+    NNI 3.0's ``PathSamplingRepeat.forward`` runs the first block even when the sampled depth is 0, then fails in
+    ``_expression_utils.weighted_sum`` with an ``AssertionError`` (nothing to sum). Here depth 0 returns the input
+    untouched and no block runs, so no BatchNorm statistics of an unused block move either. Every other depth (and a
+    list of depths, summed as NNI does) is NNI's own forward.
+    """
+
+    def forward(self, x: Any) -> Any:
+        sampled = self._sampled
+        if sampled is None:
+            raise RuntimeError(f"Repeat {self.label!r}: no depth sampled; call resample(memo) (or the block's "
+                               "set_path(sample)) before forward")
+        depths = sampled if isinstance(sampled, list) else [sampled]
+        if 0 not in depths:
+            return super().forward(x)
+        others = [d for d in depths if d != 0]
+        if not others:
+            return x
+        self._sampled = others  # several depths summed, one of them the identity
+        try:
+            return x + super().forward(x)
+        finally:
+            self._sampled = sampled
+
+class _FreezeWithoutNone:
+    """NNI's ``MixedOperation.freeze`` without the entries ``freeze_weight`` gives as ``None``.
+
+    NNI 3.0 loads ``freeze_weight``'s dict into the frozen operator, ``None`` included, so an operator built without
+    a bias (``MutableConv2d(..., bias=False)``, the usual conv before a BatchNorm) or without affine weights fails
+    with ``Unexpected key(s) in state_dict: "bias"``. The frozen operator lacks those parameters anyway.
+    """
+
+    def freeze(self, sample: Any) -> Any:
+        arguments = {**self.init_arguments}
+        for name, mutable in self.mutable_arguments.items():
+            arguments[name] = mutable.freeze(sample)
+        frozen = self.bound_type(**arguments)
+        frozen.load_state_dict({k: v for k, v in self.freeze_weight(**arguments).items() if v is not None})
+        return frozen
+
+
+class MixedLinear(_FreezeWithoutNone, operation.MixedLinear):
+    """NNI's ``MixedLinear``; frozen also without a bias."""
+
+
+class MixedConv2d(_FreezeWithoutNone, operation.MixedConv2d):
+    """NNI's ``MixedConv2d``; frozen also without a bias."""
+
+
+class MixedBatchNorm2d(_FreezeWithoutNone, operation.MixedBatchNorm2d):
+    """NNI's ``MixedBatchNorm2d``; also without affine weights or running statistics (NNI slices ``None``)."""
+
+    def freeze_weight(self, num_features: Any, **kwargs: Any) -> Any:
+        width = self.num_features if isinstance(num_features, dict) else num_features
+        return {name: None if tensor is None else tensor[:width]
+                for name, tensor in (("weight", self.weight), ("bias", self.bias),
+                                     ("running_mean", self.running_mean), ("running_var", self.running_var))}
+
+
+class MixedLayerNorm(_FreezeWithoutNone, operation.MixedLayerNorm):
+    """NNI's ``MixedLayerNorm``; frozen also without affine weights."""
+
+
+class MixedMultiHeadAttention(_FreezeWithoutNone, operation.MixedMultiHeadAttention):
+    """NNI's ``MixedMultiHeadAttention``; frozen also without biases."""
+
+
+def supernet_hooks() -> List[Callable[..., Any]]:
+    """Mutation hooks that go before NNI's defaults in ``RandomOneShot(mutation_hooks=...)``."""
+    mixed = [MixedLinear, MixedConv2d, MixedBatchNorm2d, MixedLayerNorm, MixedMultiHeadAttention]
+    return [ZeroDepthPathSamplingRepeat.mutate, *(op.mutate for op in mixed)]

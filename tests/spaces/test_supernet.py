@@ -1,0 +1,101 @@
+import copy
+
+import nni
+import pytest
+import torch
+from nni.nas.nn.pytorch import LayerChoice, ModelSpace, MutableBatchNorm2d, MutableConv2d, Repeat
+from torch import nn
+
+from nni_pipebd.spaces.supernet import BlockSupernet, space_choices
+
+
+class Space(ModelSpace):
+    """LayerChoice, a Repeat over (0, 2) and a width nni.choice in MutableConv2d / MutableBatchNorm2d."""
+
+    def __init__(self):
+        super().__init__()
+        width = nni.choice("w", [2, 4])
+        self.entry = nn.Sequential(MutableConv2d(3, width, 3, padding=1), MutableBatchNorm2d(width), nn.ReLU())
+        self.op = LayerChoice({"conv": MutableConv2d(width, width, 3, padding=1), "skip": nn.Identity()}, label="op")
+        self.extra = Repeat(lambda _: nn.Sequential(MutableConv2d(width, width, 3, padding=1), nn.ReLU()), (0, 2),
+                            label="depth")
+        self.out = MutableConv2d(width, 5, 1)
+
+    def forward(self, x):
+        return self.out(self.extra(self.op(self.entry(x))))
+
+
+def supernet():
+    torch.manual_seed(0)
+    return BlockSupernet(Space(), 3)
+
+
+def test_choices_keep_the_space_labels_and_value_types():
+    block = supernet()
+    assert block.choices == {"w": [2, 4], "op": ["conv", "skip"], "depth": [0, 1, 2]}
+    assert type(block.op).__name__ == "PathSamplingLayer" and type(block.entry[0]).__name__ == "MixedConv2d"
+    assert type(block.extra).__name__ == "ZeroDepthPathSamplingRepeat"
+    assert set(block.state_dict()) == set(block.space.state_dict())  # no extra level in parameter names
+    assert "entry.0.weight" in block.state_dict()
+    assert block.entry[0].weight.shape == (4, 3, 3, 3)  # one weight, the largest width, shared by every path
+
+
+@pytest.mark.parametrize("sample", [
+    {"w": 4, "op": "conv", "depth": 2},
+    {"w": 2, "op": "skip", "depth": 0},
+    {"w": 2, "op": "conv", "depth": 1},
+])
+def test_frozen_path_runs_like_the_supernet_with_its_weights(sample):
+    block = supernet()
+    x = torch.randn(2, 3, 6, 6)
+    block.train()
+    block.set_path(sample)
+    block(x).pow(2).mean().backward()  # train a step's worth of statistics and gradients
+    with torch.no_grad():
+        for p in block.parameters():
+            if p.grad is not None:
+                p.sub_(0.1 * p.grad)
+    block.eval()
+    expected = block(x)
+    frozen = block.freeze({**sample, "other_block": "ignored"}).eval()
+    assert not any(type(m).__name__.startswith(("Mixed", "PathSampling")) for m in frozen.modules())
+    assert frozen.entry[0].weight.shape[0] == sample["w"] and len(frozen.extra) == sample["depth"]
+    assert torch.equal(frozen(x), expected)
+    with torch.no_grad():  # an independent copy
+        frozen.entry[0].weight.add_(1.0)
+    assert torch.equal(block(x), expected)
+
+
+def test_sample_is_applied_to_every_supermodule_and_copies_stay_independent():
+    block = supernet()
+    block.set_path({"w": 2, "op": "skip", "depth": 1})
+    assert block.path == {"w": 2, "op": "skip", "depth": 1}
+    assert block.op._sampled == "skip" and block.extra._sampled == 1
+    clone = copy.deepcopy(block)
+    clone.set_path({"w": 4, "op": "conv", "depth": 2})
+    assert block.op._sampled == "skip" and clone.op._sampled == "conv"
+    assert clone(torch.randn(1, 3, 4, 4)).shape == (1, 5, 4, 4)
+    clone.eval()
+    assert not clone.space.training and block.space.training
+
+
+def test_errors_name_block_label_and_values():
+    block = supernet()
+    with pytest.raises(RuntimeError, match=r"block 3: no path selected .* call set_path"):
+        block(torch.randn(1, 3, 4, 4))
+    with pytest.raises(KeyError, match="block 3: the path has no choice for 'depth'"):
+        block.set_path({"w": 2, "op": "conv"})
+    with pytest.raises(ValueError, match=r"block 3: w = 3 is not a candidate; valid: \[2, 4\]"):
+        block.set_path({"w": 3, "op": "conv", "depth": 0})
+    with pytest.raises(TypeError, match="block 1: a block space must be an NNI ModelSpace"):
+        BlockSupernet(nn.Conv2d(1, 1, 1), 1)
+
+
+def test_a_label_without_a_finite_list_of_values_is_refused():
+    class Uniform(ModelSpace):
+        def __init__(self):
+            super().__init__()
+            self.add_mutable(nni.uniform("lr", 0, 1))
+
+    with pytest.raises(TypeError, match=r"block 0: label 'lr' is a Numerical, not a categorical choice"):
+        space_choices(Uniform(), "block 0")
