@@ -82,8 +82,9 @@ class TeacherConfig:
 class StudentConfig:
     """The student: one block space per teacher block, from a block-space factory.
 
-    The factory is ``class_path`` (yours) or a built-in ``kind``: the DNA MBConv space (``dna``) or one fixed path of
-    it (``fixed``). It is called once per teacher block as ``factory(index=i, shape_in=(C, H, W), shape_out=...,
+    The factory is ``class_path`` (yours) or a built-in ``kind``: the DNA MBConv space (``dna``), one fixed path of
+    it (``fixed``) or DONNA's MobileNet-type space (``donna``: kernel, expansion, depth, attention and inner width
+    per block). It is called once per teacher block as ``factory(index=i, shape_in=(C, H, W), shape_out=...,
     teacher_block=module, **init_args)`` and returns an NNI ``ModelSpace`` (``LayerChoice``, ``Repeat``,
     ``nni.choice`` in ``MutableConv2d`` ...; trained as a weight-sharing supernet), a plain ``nn.Module`` (a fixed
     block) or ``None`` (a freshly initialised copy of the teacher block, e.g. for the classifier head).
@@ -91,16 +92,25 @@ class StudentConfig:
     Parameters
     ----------
     kind : str
-        ``dna`` (supernet blocks with NNI ``LayerChoice``) or ``fixed`` (one path, for compression); ignored with
-        ``class_path``.
-    kernels, expansions : list of int
-        MBConv candidate kernel sizes and expansion ratios (built-in kinds).
+        ``dna`` (supernet blocks with NNI ``LayerChoice``), ``fixed`` (one path, for compression) or ``donna``
+        (DONNA's space; its job files default to ``distill.loss: nmse``); ignored with ``class_path``.
+    kernels : list of int
+        Candidate depthwise kernel sizes (built-in kinds).
+    expansions : list of int, optional
+        Candidate expansion ratios (built-in kinds); default ``[3, 6]`` (``dna``, ``fixed``) or ``[2, 3, 4, 6]``
+        (``donna``).
     identity : bool
-        Add an identity candidate where stride is 1 and widths match (built-in kinds).
+        Add an identity candidate where stride is 1 and widths match (``dna``, ``fixed``).
     width_mult : float
-        Student width relative to the teacher block's output width (inner layers only; built-in kinds).
+        Student width relative to the teacher block's output width (inner layers only; ``dna``, ``fixed``).
+    widths : list of float, optional
+        ``donna``: candidate inner widths relative to the teacher block's output width; default
+        ``[0.5, 0.75, 1.0]``.
+    attention : list of str, optional
+        ``donna``: candidate attention modules, of ``none`` and ``se`` (squeeze-and-excitation); default both.
     layers : list of int, optional
-        Layers per block; default: derived from the teacher's blocks (built-in kinds).
+        Layers per block (``donna``: the most layers, its depth choice is 1..layers); default: derived from the
+        teacher's blocks (built-in kinds).
     path : dict or str, optional
         For ``fixed``: an NNI sample dict, or one candidate name (e.g. ``k3e3``) used everywhere.
     class_path : str, optional
@@ -112,13 +122,37 @@ class StudentConfig:
 
     kind: str = "dna"
     kernels: list = field(default_factory=lambda: [3, 5, 7])
-    expansions: list = field(default_factory=lambda: [3, 6])
+    expansions: Optional[list] = None
     identity: bool = False
     width_mult: float = 1.0
+    widths: Optional[list] = None
+    attention: Optional[list] = None
     layers: Optional[list] = None
     path: Optional[Union[dict, str]] = None
     class_path: Optional[str] = None
     init_args: dict = field(default_factory=dict)
+
+    def candidate_expansions(self) -> list:
+        """``expansions``, or the default of ``kind``."""
+        if self.expansions is not None:
+            return list(self.expansions)
+        return list(DONNA_EXPANSIONS if self.kind == "donna" else DNA_EXPANSIONS)
+
+    def candidate_widths(self) -> list:
+        """``widths``, or the ``donna`` default."""
+        return list(DONNA_WIDTHS if self.widths is None else self.widths)
+
+    def candidate_attention(self) -> list:
+        """``attention``, or the ``donna`` default."""
+        return list(DONNA_ATTENTION if self.attention is None else self.attention)
+
+
+DNA_EXPANSIONS = (3, 6)
+DONNA_EXPANSIONS = (2, 3, 4, 6)
+DONNA_WIDTHS = (0.5, 0.75, 1.0)
+DONNA_ATTENTION = ("none", "se")
+DONNA_LOSS = "nmse"
+"""``distill.loss`` of a job file with ``model.student.kind: donna`` that names no loss."""
 
 
 @dataclass
@@ -279,9 +313,16 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict, base_dir: Union[str, Path] = ".") -> "Config":
-        """Build a validated config from plain data (unknown keys and wrong types raise)."""
+        """Build a validated config from plain data (unknown keys and wrong types raise).
+
+        ``distill.loss`` defaults to ``nmse`` (DONNA's normalised block loss) for ``model.student.kind: donna``.
+        """
         config = _build(cls, raw, "")
         config.base_dir = str(base_dir)
+        distill = raw.get("distill") if isinstance(raw, dict) else None
+        if config.model.student.kind == "donna" and config.model.student.class_path is None and \
+                not (isinstance(distill, dict) and distill.get("loss") is not None):
+            config.distill.loss = DONNA_LOSS
         validate(config)
         return config
 
@@ -348,7 +389,7 @@ def load_config(path: Union[str, Path]) -> Config:
 
 
 _CHOICES = {
-    "model.student.kind": ("dna", "fixed"),
+    "model.student.kind": ("dna", "fixed", "donna"),
     "distill.loss": ("mse", "nmse"),
     "distill.optimizer": ("sgd", "adam"),
     "distill.schedule": ("cosine", "constant"),
@@ -362,6 +403,32 @@ _POSITIVE = (
     "data.num_samples", "distill.epochs", "distill.paths_per_step", "execution.workers",
     "execution.timeout_s", "distill.lr", "model.student.width_mult", "execution.queue_depth",
 )
+
+
+def _validate_donna(student: StudentConfig) -> None:
+    """The options of ``kind: donna`` are set only for it, and those of ``dna`` / ``fixed`` only for those."""
+    if student.kind != "donna" or student.class_path is not None:
+        for key in ("widths", "attention"):
+            if getattr(student, key) is not None:
+                raise ConfigError(f"model.student.{key} = {getattr(student, key)!r} is an option of kind: donna, "
+                                  f"but kind = {student.kind!r}{' with class_path' if student.class_path else ''}; "
+                                  "drop it or set kind: donna")
+        return
+    if student.identity:
+        raise ConfigError("model.student.identity = true is an option of kind: dna; a DONNA block chooses its depth "
+                          "(1..layers) instead — drop identity")
+    if student.width_mult != 1.0:
+        raise ConfigError(f"model.student.width_mult = {student.width_mult!r} is an option of kind: dna; DONNA "
+                          "blocks choose their inner width — give candidates as widths (e.g. [0.5, 0.75, 1.0])")
+    widths = student.candidate_widths()
+    if not widths or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 for w in widths):
+        raise ConfigError(f"model.student.widths = {student.widths!r} must be a non-empty list of numbers > 0 "
+                          "(inner widths relative to the teacher block's output width, e.g. [0.5, 0.75, 1.0])")
+    attention = student.candidate_attention()
+    unknown = [a for a in attention if a not in DONNA_ATTENTION]
+    if not attention or unknown or len(set(attention)) != len(attention):
+        raise ConfigError(f"model.student.attention = {student.attention!r} must be a non-empty list of distinct "
+                          f"values of {list(DONNA_ATTENTION)}" + (f"; {unknown} are not" if unknown else ""))
 
 
 def validate(config: Config) -> None:
@@ -386,9 +453,11 @@ def validate(config: Config) -> None:
     if config.data.num_workers < 0:
         raise ConfigError(f"data.num_workers = {config.data.num_workers} must be >= 0")
     student = config.model.student
-    for key, values in (("kernels", student.kernels), ("expansions", student.expansions)):
-        if not values or any(not isinstance(v, int) or v <= 0 for v in values):
+    for key, values in (("kernels", student.kernels), ("expansions", student.candidate_expansions())):
+        if not isinstance(values, list) or not values or \
+                any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
             raise ConfigError(f"model.student.{key} = {values!r} must be a non-empty list of positive ints")
+    _validate_donna(student)
     if any(k % 2 == 0 for k in student.kernels):
         raise ConfigError(f"model.student.kernels = {student.kernels!r} must be odd (same padding)")
     if student.class_path is not None and student.kind != "dna":

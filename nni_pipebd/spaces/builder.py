@@ -14,6 +14,7 @@ from ..config import ConfigError, StudentConfig
 from ..imports import import_object
 from ..spec.blocks import block_seed
 from .dna import StudentSpace, block_geometry, dna_space
+from .donna import donna_space
 from .supernet import BlockSupernet
 
 __all__ = ["BlockFactory", "block_geometry", "build_student", "student_factory", "make_block", "fixed_block",
@@ -89,7 +90,8 @@ def student_factory(config: StudentConfig, num_blocks: int,
     """The block factory ``config`` names, the options it gets for block ``i``, and how to name it in errors.
 
     ``model.student.class_path`` (with ``init_args``) names a user factory; otherwise ``kind`` names a built-in one:
-    ``dna`` (:func:`~nni_pipebd.spaces.dna.dna_space`) or ``fixed`` (:func:`fixed_block`).
+    ``dna`` (:func:`~nni_pipebd.spaces.dna.dna_space`), ``fixed`` (:func:`fixed_block`) or ``donna``
+    (:func:`~nni_pipebd.spaces.donna.donna_space`).
     """
     if config.class_path is not None:
         where = f"model.student.class_path = {config.class_path!r}"
@@ -101,11 +103,16 @@ def student_factory(config: StudentConfig, num_blocks: int,
                           f"{num_blocks} blocks; give one layer count per block")
 
     def options(i: int) -> Dict[str, Any]:
-        dna = {"kernels": tuple(config.kernels), "expansions": tuple(config.expansions), "identity": config.identity,
-               "width_mult": config.width_mult, "layers": None if config.layers is None else config.layers[i]}
+        common = {"kernels": tuple(config.kernels), "expansions": tuple(config.candidate_expansions()),
+                  "layers": None if config.layers is None else config.layers[i]}
+        if config.kind == "donna":
+            return {**common, "widths": tuple(config.candidate_widths()),
+                    "attentions": tuple(config.candidate_attention())}
+        dna = {**common, "identity": config.identity, "width_mult": config.width_mult}
         return {**dna, "path": config.path} if config.kind == "fixed" else dna
 
-    factory = fixed_block if config.kind == "fixed" else dna_space
+    factories = {"dna": dna_space, "fixed": fixed_block, "donna": donna_space}
+    factory = factories[config.kind]
     return factory, options, f"model.student.kind = {config.kind!r}"
 
 
