@@ -162,8 +162,9 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         Factory arguments of the parameters and buffers.
     sliced : bool
         Stand in for a width-sliced BatchNorm of a supernet (NNI's path-sampling ``MixedBatchNorm2d``): an input of
-        ``c <= num_features`` channels uses the first ``c`` entries of the weight, bias and running statistics, the
-        running statistics move by ``momentum`` and ``num_batches_tracked`` is not counted — exactly as that layer.
+        ``c <= num_features`` channels uses the first ``c`` entries of the weight, bias and running statistics
+        (momentum and ``num_batches_tracked`` as ``nn.BatchNorm2d``, as that layer with
+        :class:`nni_pipebd.spaces.compat.MixedBatchNorm2d`).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
@@ -224,9 +225,9 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         with torch.no_grad():
             mean, var, count = _global_stats(input.detach(), group, sync)
 
-            # same momentum semantics as nn.BatchNorm2d.forward (a sliced layer: as NNI's MixedBatchNorm2d)
+            # same momentum semantics as nn.BatchNorm2d.forward (and the compat MixedBatchNorm2d of a sliced layer)
             exponential_average_factor = 0.0 if self.momentum is None else self.momentum
-            if self.track_running_stats and self.num_batches_tracked is not None and not self.sliced:
+            if self.track_running_stats and self.num_batches_tracked is not None:
                 self.num_batches_tracked.add_(1)
                 if self.momentum is None:
                     exponential_average_factor = 1.0 / float(self.num_batches_tracked)

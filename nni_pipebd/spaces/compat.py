@@ -1,4 +1,5 @@
-"""NNI 3.0 one-shot supernet workarounds: ``Repeat`` sampled at depth 0, mixed operators frozen without a bias."""
+"""NNI 3.0 one-shot supernet workarounds: ``Repeat`` sampled at depth 0, mixed operators frozen without a bias,
+mixed BatchNorm following its module's momentum."""
 
 from __future__ import annotations
 
@@ -63,7 +64,25 @@ class MixedConv2d(_FreezeWithoutNone, operation.MixedConv2d):
 
 
 class MixedBatchNorm2d(_FreezeWithoutNone, operation.MixedBatchNorm2d):
-    """NNI's ``MixedBatchNorm2d``; also without affine weights or running statistics (NNI slices ``None``)."""
+    """NNI's ``MixedBatchNorm2d``; also without affine weights or running statistics (NNI slices ``None``), and
+    updating its statistics as ``nn.BatchNorm2d`` does.
+
+    NNI 3.0 passes the constructor's momentum to ``F.batch_norm`` and never counts ``num_batches_tracked``, so
+    setting ``momentum = None`` (a cumulative average, as BN recalibration before ranking does) still gives an
+    exponential average that starts from the reset statistics. Here, like ``nn.BatchNorm2d``, a training forward
+    counts the batch and uses ``self.momentum``, or ``1 / num_batches_tracked`` when it is ``None``; with the
+    momentum unchanged the arithmetic is NNI's.
+    """
+
+    def forward_with_args(self, num_features: Any, eps: float, momentum: Any, inputs: Any) -> Any:
+        if isinstance(momentum, dict):
+            return super().forward_with_args(num_features, eps, momentum, inputs)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return super().forward_with_args(num_features, eps, factor, inputs)
 
     def freeze_weight(self, num_features: Any, **kwargs: Any) -> Any:
         width = self.num_features if isinstance(num_features, dict) else num_features

@@ -405,7 +405,7 @@ def test_sliced_batchnorm_of_a_supernet_matches_nni_mixed_batchnorm() -> None:
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
         for (name, a), b in zip(mixed.named_buffers(), group.buffers()):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
-    assert int(group.bn.num_batches_tracked) == 0  # as NNI's mixed layer, which does not count batches
+    assert int(group.bn.num_batches_tracked) == int(mixed.bn.num_batches_tracked) == 3  # counted as nn.BatchNorm2d
     for net in (mixed, group):
         net.eval()
     torch.testing.assert_close(group(x), mixed(x), rtol=1e-5, atol=1e-6)

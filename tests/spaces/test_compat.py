@@ -104,3 +104,42 @@ def test_mixed_operators_without_bias_or_affine_weights_freeze_with_their_slices
     assert frozen.conv.bias is None and frozen.conv.weight.shape == (2, 3, 3, 3) and frozen.fc.bias is None
     assert torch.equal(frozen.conv.weight, space.conv.weight[:2])
     assert torch.equal(frozen(x), space(x))
+
+
+class Widths(ModelSpace):
+    def __init__(self):
+        super().__init__()
+        import nni
+        from nni.nas.nn.pytorch import MutableBatchNorm2d, MutableConv2d
+        width = nni.choice("w", [2, 4])
+        self.conv = MutableConv2d(3, width, 1)
+        self.bn = MutableBatchNorm2d(width)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_mixed_batchnorm_follows_its_momentum_like_nn_batchnorm():
+    """BN recalibration sets momentum = None for an exact average; NNI 3.0's mixed BN kept the constructor's 0.1."""
+    torch.manual_seed(0)
+    space = RandomOneShot(mutation_hooks=supernet_hooks()).mutate_model(Widths())
+    for module in space.modules():
+        if hasattr(module, "resample"):
+            module.resample(memo={"w": 2})
+    batches = [torch.randn(5, 3, 4, 4) * (i + 1) + i for i in range(3)]
+    plain = nn.BatchNorm2d(2)
+    space.bn.momentum = plain.momentum = None
+    space.train(), plain.train()
+    with torch.no_grad():
+        for x in batches:
+            h = space.conv(x)
+            torch.testing.assert_close(space.bn(h), plain(h), rtol=0, atol=0)
+    assert int(space.bn.num_batches_tracked) == int(plain.num_batches_tracked) == 3
+    torch.testing.assert_close(space.bn.running_mean[:2], plain.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(space.bn.running_var[:2], plain.running_var, rtol=0, atol=0)
+    # the default momentum: NNI's exponential average, unchanged
+    space.bn.momentum = plain.momentum = 0.1
+    with torch.no_grad():
+        h = space.conv(batches[0])
+        space.bn(h), plain(h)
+    torch.testing.assert_close(space.bn.running_var[:2], plain.running_var, rtol=0, atol=0)
