@@ -1,4 +1,4 @@
-"""DONNA student search space: MobileNet-type block spaces (kernel, expansion, depth, attention, width) in NNI mutables."""
+"""DONNA student search space: MobileNet-type blocks choosing kernel, expansion, depth, attention and width."""
 
 from __future__ import annotations
 

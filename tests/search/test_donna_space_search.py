@@ -90,7 +90,7 @@ def test_search_cli_flow_fits_the_predictor_by_finetuning(library):
 
 
 def test_donna_search_functions_on_float_str_and_int_values_after_json():
-    """Scores over labels of any value type (a float width ratio, a str op, a Repeat depth) as scores.json gives them."""
+    """Scores over labels of any value type (a float ratio, a str op, a Repeat depth), as scores.json gives them."""
     blocks = []
     for i in range(3):
         paths = [{"path": {f"b{i}_ratio": r, f"b{i}_op": op, f"b{i}_depth": d},
