@@ -79,7 +79,7 @@ def test_blocks_and_train_with_user_teacher_and_data(tmp_path, capsys):
     import shutil
 
     custom = EXAMPLE.parents[1] / "custom"
-    for module in ("custom_teacher.py", "custom_data.py"):
+    for module in ("custom_teacher.py", "custom_data.py", "custom_space.py"):
         shutil.copy(custom / module, tmp_path / module)
     raw = yaml.safe_load((custom / "config.yaml").read_text())
     raw["model"]["teacher"].update(init_args={"in_channels": 1, "width": 4}, train_epochs=1)
@@ -98,6 +98,7 @@ def test_blocks_and_train_with_user_teacher_and_data(tmp_path, capsys):
     manifest = json.loads((out / "library.json").read_text())
     assert manifest["num_blocks"] == 4 and manifest["executor"] == "pipebd" and manifest["workers"] == 2
     assert manifest["config"]["data"]["class_path"] == "custom_data:digits"
+    assert set(manifest["blocks"][0]["choices"]) == {"b0_width", "b0_op", "b0_depth"}  # the user's NNI space
 
 
 def _error_rows(tmp_path):
