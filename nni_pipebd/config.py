@@ -118,6 +118,12 @@ class StudentConfig:
         config file is found too); labels must be unique across blocks (put the block index in them).
     init_args : dict
         Extra keyword arguments of ``class_path``.
+    module : str, optional
+        Instead of a factory: a file written by ``torch.save(space, path)`` of an NNI ``ModelSpace`` whose ``blocks``
+        (an ``nn.ModuleList`` / ``nn.Sequential``) are the block spaces, one per teacher block (or one fewer: the
+        classifier head is then a fresh copy of the teacher's). ``train(config, out, student=space)``,
+        ``BlockwiseDistillation(..., student=space)`` and the strategies (for the space given to ``NasExperiment``)
+        write one.
     """
 
     kind: str = "dna"
@@ -131,6 +137,7 @@ class StudentConfig:
     path: Optional[Union[dict, str]] = None
     class_path: Optional[str] = None
     init_args: dict = field(default_factory=dict)
+    module: Optional[str] = None
 
     def candidate_expansions(self) -> list:
         """``expansions``, or the default of ``kind``."""
@@ -346,6 +353,12 @@ class Config:
                    "module": str(Path(module_file).resolve())}
         return self.replace(model={"teacher": teacher})
 
+    def with_student(self, module_file: Union[str, Path]) -> "Config":
+        """A copy whose student is the space saved in ``module_file`` (see ``library.save_object_file``)."""
+        student = {**self.to_dict()["model"]["student"], "class_path": None, "init_args": {}, "kind": "dna",
+                   "module": str(Path(module_file).resolve())}
+        return self.replace(model={"student": student})
+
     def replace(self, **sections: dict) -> "Config":
         """A copy with some fields of some sections changed, e.g. ``execution={"workers": 2}``."""
         raw = self.to_dict()
@@ -466,6 +479,9 @@ def validate(config: Config) -> None:
                           "a plain nn.Module for a fixed block)")
     if student.init_args and student.class_path is None:
         raise ConfigError(f"model.student.init_args = {student.init_args!r} is set without class_path")
+    if student.module is not None and (student.class_path is not None or student.kind != "dna"):
+        raise ConfigError(f"model.student.module = {student.module!r} is the student space itself; drop class_path / "
+                          "kind")
     teacher = config.model.teacher
     sources = [key for key in ("arch", "class_path", "module") if getattr(teacher, key) is not None]
     if len(sources) > 1:

@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterable, Optional, Union
 import torch
 
 __all__ = ["FORMAT", "LibraryError", "atomic_save", "block_path", "write_manifest", "load_manifest",
-           "random_teacher_warning",
+           "random_teacher_warning", "save_object_file", "load_object_file",
            "load_block"]
 
 FORMAT = "nni_pipebd.library/1"
@@ -99,3 +99,56 @@ def remove_stale(directory: Union[str, Path], indices: Iterable[int]) -> None:
     (directory / MANIFEST).unlink(missing_ok=True)
     for i in indices:
         block_path(directory, i).unlink(missing_ok=True)
+
+
+def save_object_file(obj: Any, folder: Union[str, Path], stem: str) -> Path:
+    """Pickle ``obj`` (a model, a space) for other processes as ``folder/<stem>-<hash>.pt`` (the hash of its bytes).
+
+    Spawned workers, torchrun ranks and NNI trials load it with :func:`load_object_file`, so its classes must be
+    importable there; its state (weights, buffers) travels in the file. A changed object gets another name, so a
+    library trained with it never passes for one of the old object.
+
+    Raises
+    ------
+    ValueError
+        ``obj`` cannot be pickled (e.g. a class defined inside a function, or a lambda attribute).
+    """
+    import hashlib
+    import io
+
+    buffer = io.BytesIO()
+    try:
+        torch.save(obj, buffer)
+    except Exception as exc:  # pickling raises PicklingError, AttributeError, TypeError
+        raise ValueError(f"cannot save the {stem} {type(obj).__name__} for the worker processes "
+                         f"({type(exc).__name__}: {exc}); define its classes at module level of an importable "
+                         "module") from exc
+    data = buffer.getvalue()
+    path = Path(folder) / f"{stem}-{hashlib.sha1(data).hexdigest()[:12]}.pt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return path
+
+
+def load_object_file(path: Union[str, Path], what: str) -> Any:
+    """What :func:`save_object_file` (or ``torch.save(obj, path)``) wrote; ``what`` names it in errors.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        The file cannot be unpickled (e.g. a class that is not importable here).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {str(path)!r} does not exist; write it with torch.save(obj, path)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # unpickling raises many types: a missing class is AttributeError/ModuleNotFoundError
+        raise ValueError(f"cannot load {what} file {str(path)!r} ({type(exc).__name__}: {exc}); its classes must be "
+                         "importable where it is loaded (install their package or add their folder to PYTHONPATH)"
+                         ) from exc

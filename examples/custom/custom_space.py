@@ -57,3 +57,22 @@ def block_space(index: int, shape_in: Tuple[int, ...], shape_out: Tuple[int, ...
     if len(shape_out) != 3:
         return None
     return BlockSpace(index, shape_in[0], shape_out[0], shape_in[1] // shape_out[1], widths, max_depth)
+
+
+class StudentSpace(ModelSpace):
+    """The whole student as one NNI space, for Python users: ``blocks`` are the block spaces, in teacher order.
+
+    Hand it to ``NasExperiment`` with a ``BlockwiseDistillation`` evaluator and that very space is distilled (one
+    fewer block than the teacher: the classifier head is a fresh copy of the teacher's). E.g. for the teacher of
+    ``custom_teacher.build(in_channels=1, width=16)`` on 16x16 images:
+    ``StudentSpace([BlockSpace(0, 1, 16, 1), BlockSpace(1, 16, 32, 2), BlockSpace(2, 32, 64, 2)])``.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from ..config import Config
 from ..job import build_job
-from ..library import atomic_save, block_path, load_manifest, remove_stale, write_manifest, MANIFEST
+from ..library import atomic_save, save_object_file, block_path, load_manifest, remove_stale, write_manifest, MANIFEST
 from ..spec.pretrain import prepare_teacher
 from ..report.progress import ProgressBars, ProgressWriter
 from ..report.trace import Tracer, busy_fraction, write_chrome_trace
@@ -45,7 +45,8 @@ def under_torchrun() -> bool:
 
 def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
           trace: Union[str, Path, None] = None, resume: bool = False,
-          progress: bool = False, teacher: Optional[torch.nn.Module] = None) -> Optional[Dict[str, Any]]:
+          progress: bool = False, teacher: Optional[torch.nn.Module] = None,
+          student: Optional[torch.nn.Module] = None) -> Optional[Dict[str, Any]]:
     """Train the block library described by ``config`` into ``out_dir``.
 
     Runs ``config.execution.workers`` workers of ``config.execution.executor``: in this process when one
@@ -71,6 +72,10 @@ def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
         The teacher itself, instead of the config's: it is saved whole into ``out_dir`` (``teacher-<hash>.pt``) and
         every worker loads it from there, so its class must be importable (defined in a module, not in ``__main__``
         of an interactive session); its weights travel in the file. The library's config names that file.
+    student : torch.nn.Module, optional
+        The student space itself, instead of the config's: an NNI ``ModelSpace`` whose ``blocks`` are the block spaces
+        (one per teacher block, or one fewer for a fresh copy of the teacher's head); saved into ``out_dir``
+        (``student-<hash>.pt``) like ``teacher`` and named by the library's config (``model.student.module``).
 
     Raises
     ------
@@ -85,6 +90,8 @@ def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
         from ..spec.teachers import save_teacher_module
 
         config = config.with_teacher(save_teacher_module(teacher, out_dir))
+    if student is not None:
+        config = config.with_student(save_object_file(student, out_dir, "student"))
     executor_cls = get_executor(config.execution.executor)
     world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else config.execution.workers
     executor_cls(config).check(world)

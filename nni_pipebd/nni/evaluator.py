@@ -140,12 +140,15 @@ class BlockwiseDistillation(Evaluator):
         Your teacher instance, in place of the config's: it is saved whole into ``library_dir``
         (``teacher-<hash>.pt``) and the config names that file, so trials and workers load it from there (its class
         must be importable; its weights travel in the file).
+    student : nni.nas.nn.pytorch.ModelSpace, optional
+        Your student space, in place of the config's: a ``ModelSpace`` whose ``blocks`` are the block spaces (see
+        :meth:`bind_student`). The strategies bind the space given to ``NasExperiment`` themselves.
     """
 
     def __init__(self, config: Union[str, Mapping[str, Any], Config], library_dir: str, *,
                  base_dir: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,
                  finetune: Optional[Mapping[str, Any]] = None, if_exists: str = "reuse", device: str = "auto",
-                 teacher: Any = None):
+                 teacher: Any = None, student: Any = None):
         self.config = resolve_config(config, base_dir, overrides)
         if if_exists not in IF_EXISTS:
             raise ValueError(f"if_exists = {if_exists!r} is not valid; choose one of {list(IF_EXISTS)}")
@@ -179,6 +182,23 @@ class BlockwiseDistillation(Evaluator):
                          overrides=None, teacher=None)
         if hasattr(self, "trace_kwargs"):  # nni.trace recorded the arguments: keep them as plain data
             self.trace_kwargs.update(plain)
+        if student is not None:
+            self.bind_student(student)
+
+    def bind_student(self, space: Any) -> None:
+        """Distil ``space`` (a ``ModelSpace`` whose ``blocks`` are the block spaces, one per teacher block or one
+        fewer for a fresh copy of the teacher's head) instead of the config's student.
+
+        The space is saved into ``library_dir`` (``student-<hash>.pt``, its classes must be importable) and the config
+        names it (``model.student.module``), so trials and workers load the very same space.
+        """
+        from ..library import save_object_file
+
+        self.config = self.config.with_student(save_object_file(space, self.library_dir, "student"))
+        self._choices = None
+        if hasattr(self, "trace_kwargs"):
+            self.trace_kwargs.update(config=self.config.to_dict(), base_dir=str(Path(self.config.base_dir).resolve()),
+                                     overrides=None, teacher=None, student=None)
 
     def extra_repr(self) -> str:
         execution = self.config.execution

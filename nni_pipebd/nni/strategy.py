@@ -16,6 +16,7 @@ from .compat import patch_json_comments
 from .evaluator import BlockwiseDistillation
 from .flow import SearchSettings, dna_candidates, donna_candidates, predictor_samples
 from .models import ArchitectureModel, DistillationTask
+from ..spaces.dna import StudentSpace
 from .space import check_space, space_choices
 
 __all__ = ["BlockwiseStrategy", "BlockwiseDNA", "BlockwiseDONNA", "BudgetExhaustedError"]
@@ -75,6 +76,9 @@ class BlockwiseStrategy(Strategy):
         if not isinstance(evaluator, BlockwiseDistillation):
             raise TypeError(f"{type(self).__name__} needs a BlockwiseDistillation evaluator (it holds the job and the "
                             f"library folder); the experiment has {evaluator!r}")
+        given = getattr(model_space, "model_space", model_space)  # the user's ModelSpace inside NNI's wrapper
+        if hasattr(given, "blocks") and not isinstance(given, StudentSpace):
+            evaluator.bind_student(given)  # the space handed to NasExperiment is the one distilled
         check_space(space_choices(model_space), evaluator.space_choices())
         limit = getattr(engine, "max_model_count", None)
         if limit is None:

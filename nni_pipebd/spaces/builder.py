@@ -93,6 +93,8 @@ def student_factory(config: StudentConfig, num_blocks: int,
     ``dna`` (:func:`~nni_pipebd.spaces.dna.dna_space`), ``fixed`` (:func:`fixed_block`) or ``donna``
     (:func:`~nni_pipebd.spaces.donna.donna_space`).
     """
+    if config.module is not None:
+        return _module_factory(config.module, num_blocks)
     if config.class_path is not None:
         where = f"model.student.class_path = {config.class_path!r}"
         factory = import_object(config.class_path, "model.student.class_path", base_dir)
@@ -114,6 +116,27 @@ def student_factory(config: StudentConfig, num_blocks: int,
     factories = {"dna": dna_space, "fixed": fixed_block, "donna": donna_space}
     factory = factories[config.kind]
     return factory, options, f"model.student.kind = {config.kind!r}"
+
+
+def _module_factory(path: str, num_blocks: int) -> Tuple[BlockFactory, Callable[[int], Dict[str, Any]], str]:
+    """The factory of ``model.student.module``: block ``i`` of the saved space's ``blocks``."""
+    from ..library import load_object_file
+
+    where = f"model.student.module = {path!r}"
+    space = load_object_file(path, "student space")
+    blocks = getattr(space, "blocks", space)
+    if not isinstance(blocks, (nn.ModuleList, nn.Sequential, list, tuple)):
+        raise ConfigError(f"{where} holds a {type(space).__name__} without `blocks`; save a ModelSpace whose `blocks` "
+                          "(an nn.ModuleList) are the block spaces, one per teacher block")
+    blocks = list(blocks)
+    if len(blocks) not in (num_blocks, num_blocks - 1):
+        raise ConfigError(f"{where} has {len(blocks)} blocks but the teacher has {num_blocks}; give one block space "
+                          f"per teacher block (or {num_blocks - 1}: the head is then a fresh copy of the teacher's)")
+
+    def factory(index: int, **_: Any) -> Optional[nn.Module]:
+        return blocks[index] if index < len(blocks) else None
+
+    return factory, lambda i: {}, where
 
 
 def make_block(factory: BlockFactory, index: int, teacher_block: nn.Module, shape_in: Shape, shape_out: Shape,

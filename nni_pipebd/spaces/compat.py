@@ -1,10 +1,11 @@
-"""NNI 3.0 one-shot supernet workarounds: ``Repeat`` sampled at depth 0, mixed operators frozen without a bias,
-mixed BatchNorm following its module's momentum."""
+"""NNI 3.0 workarounds: ``Repeat`` sampled at depth 0, mixed operators frozen without a bias, mixed BatchNorm
+following its module's momentum, mutables that survive pickling."""
 
 from __future__ import annotations
 
 from typing import Any, Callable, List
 
+from nni.mutable import mutable as mutable_module
 from nni.nas.oneshot.pytorch.supermodule import operation
 from nni.nas.oneshot.pytorch.supermodule.sampling import PathSamplingRepeat
 
@@ -103,3 +104,21 @@ def supernet_hooks() -> List[Callable[..., Any]]:
     """Mutation hooks that go before NNI's defaults in ``RandomOneShot(mutation_hooks=...)``."""
     mixed = [MixedLinear, MixedConv2d, MixedBatchNorm2d, MixedLayerNorm, MixedMultiHeadAttention]
     return [ZeroDepthPathSamplingRepeat.mutate, *(op.mutate for op in mixed)]
+
+
+def _keep_missing_sentinel(self: Any, state: dict) -> None:
+    """Unpickle a mutable with NNI's "no default" sentinel intact.
+
+    NNI 3.0 marks "no default value" with the string ``MISSING = '__missing__'`` and tests it by identity
+    (``default_value is not MISSING``); an unpickled copy of that string is another object, so every mutable of a
+    space loaded with ``torch.load`` claimed a default and failed on its first sample ("Default value is specified to
+    be __missing__"). This ``__setstate__`` puts the sentinel itself back.
+    """
+    self.__dict__.update(state)
+    if self.__dict__.get("default_value") == mutable_module.MISSING:
+        self.__dict__["default_value"] = mutable_module.MISSING
+
+
+if not hasattr(mutable_module.Mutable, "__setstate__") or \
+        mutable_module.Mutable.__setstate__ is object.__setstate__:  # NNI 3.0 defines none: add ours once
+    mutable_module.Mutable.__setstate__ = _keep_missing_sentinel

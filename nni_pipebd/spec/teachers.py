@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..imports import ImportPathError, import_object
+from ..library import load_object_file, save_object_file
 from .split import SplitError, split_model
 
 if TYPE_CHECKING:
@@ -325,16 +326,12 @@ def load_teacher_module(path: Union[str, os.PathLike]) -> nn.Module:
     TeacherError
         The file cannot be unpickled or holds no ``nn.Module``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise TeacherWeightsNotFoundError(f"teacher module file {str(path)!r} does not exist; write it with "
-                                          "torch.save(model, path) or pass the model to train(teacher=model)")
     try:
-        model = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # unpickling raises many types: a missing class is AttributeError/ModuleNotFoundError
-        raise TeacherError(f"cannot load teacher module file {str(path)!r} ({type(exc).__name__}: {exc}); the "
-                           "model's class must be importable where it is loaded (install its package or add its "
-                           "folder to PYTHONPATH)") from exc
+        model = load_object_file(path, "teacher module")
+    except FileNotFoundError as err:
+        raise TeacherWeightsNotFoundError(f"{err} or pass the model to train(teacher=model)") from None
+    except ValueError as err:
+        raise TeacherError(str(err)) from None
     if not isinstance(model, nn.Module):
         raise TeacherError(f"teacher module file {str(path)!r} holds a {type(model).__name__}, not an nn.Module; "
                            "for a state_dict use teacher.checkpoint with teacher.arch or teacher.class_path")
@@ -342,34 +339,18 @@ def load_teacher_module(path: Union[str, os.PathLike]) -> nn.Module:
 
 
 def save_teacher_module(model: nn.Module, folder: Union[str, Path]) -> Path:
-    """Save a whole teacher instance for other processes: ``folder/teacher-<hash>.pt`` (the hash of its bytes).
-
-    Spawned workers, torchrun ranks and NNI trials load it with :func:`load_teacher_module`, so the model's class
-    must be importable there; its state (weights, buffers) travels in the file. A changed teacher gets another
-    name, so a library trained with it never passes for one of the old teacher.
+    """Save a whole teacher instance for the worker processes: ``folder/teacher-<hash>.pt`` (see
+    :func:`~nni_pipebd.library.save_object_file`).
 
     Raises
     ------
     TeacherError
         The model cannot be pickled (e.g. a class defined inside a function or a lambda attribute).
     """
-    import hashlib
-    import io
-
-    buffer = io.BytesIO()
     try:
-        torch.save(model, buffer)
-    except Exception as exc:  # pickling raises PicklingError, AttributeError, TypeError
-        raise TeacherError(f"cannot save the teacher {type(model).__name__} for the worker processes ({type(exc).__name__}: "
-                           f"{exc}); define its class at module level of an importable module") from exc
-    data = buffer.getvalue()
-    path = Path(folder) / f"teacher-{hashlib.sha1(data).hexdigest()[:12]}.pt"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    return path
+        return save_object_file(model, folder, "teacher")
+    except ValueError as err:
+        raise TeacherError(str(err)) from None
 
 
 def build_teacher(config: "TeacherConfig", base_dir: Union[str, Path] = ".") -> nn.Module:

@@ -208,3 +208,24 @@ def test_user_block_space_every_executor(tmp_path, user_space_reference, executi
     assert_same_blocks(ref, other, 4, exact=exact, rtol=1e-4, atol=1e-5)
     if exact:
         assert [b["losses"] for b in other_manifest["blocks"]] == [b["losses"] for b in manifest["blocks"]]
+
+
+def test_python_student_space_is_shipped_to_the_workers(tmp_path, monkeypatch):
+    """train(config, out, student=space): the user's own ModelSpace object (blocks = block spaces) is distilled."""
+    from conftest import EXAMPLES
+
+    monkeypatch.syspath_prepend(str(EXAMPLES / "custom"))
+    import custom_space
+
+    def space():  # the tiny user teacher: 1 -> 4 (16x16), -> 8 (8x8), -> 16 (4x4), then its head
+        torch.manual_seed(0)
+        return custom_space.StudentSpace([custom_space.BlockSpace(0, 1, 4, 1), custom_space.BlockSpace(1, 4, 8, 2),
+                                          custom_space.BlockSpace(2, 8, 16, 2)])
+
+    ref, manifest = run_config(tmp_path, "ref", user_config(), student=space())
+    pipe, _ = run_config(tmp_path, "pipe", user_config(execution={"executor": "pipebd", "workers": 2}),
+                         student=space())
+    saved = manifest["config"]["model"]["student"]
+    assert saved["module"].startswith(str(tmp_path / "ref" / "student-")) and saved["class_path"] is None
+    assert set(manifest["blocks"][1]["choices"]) == {"b1_width", "b1_op", "b1_depth"}
+    assert_same_blocks(ref, pipe, 4, exact=True)

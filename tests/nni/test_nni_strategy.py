@@ -68,9 +68,10 @@ def test_dna_in_process(tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(300)
-def test_donna_in_process_with_user_teacher_and_data(tmp_path, monkeypatch):
+def test_donna_in_process_with_user_teacher_data_and_space(tmp_path, monkeypatch):
     isolate_nni(tmp_path, monkeypatch)
-    evaluator = tiny_evaluator(tmp_path, user_config())  # examples/custom: class_path teacher and data
+    # examples/custom: the user's teacher, data and NNI block space (LayerChoice, Repeat from depth 0, width choice)
+    evaluator = tiny_evaluator(tmp_path, user_config(model={"student": {"class_path": "custom_space:block_space"}}))
     space = evaluator.student_space()
     strategy = BlockwiseDONNA("params=1M", top_k=2, predictor_archs=3, ranking=RANKING, population=8, generations=3)
     samples, models = _run(NasExperiment(space, evaluator, strategy, _sequential(tmp_path)))
@@ -220,3 +221,23 @@ def test_ctrl_c_stops_the_experiment_its_trial_and_workers(tmp_path):
     assert left == [], left
     assert_released(port)
     assert not (tmp_path / "lib" / "library.json").exists()
+
+
+@pytest.mark.timeout(300)
+def test_the_space_given_to_nas_experiment_is_distilled(tmp_path, monkeypatch):
+    from conftest import EXAMPLES
+
+    isolate_nni(tmp_path, monkeypatch)
+    monkeypatch.syspath_prepend(str(EXAMPLES / "custom"))
+    import custom_space
+
+    torch.manual_seed(0)
+    space = custom_space.StudentSpace([custom_space.BlockSpace(0, 1, 4, 1), custom_space.BlockSpace(1, 4, 8, 2),
+                                       custom_space.BlockSpace(2, 8, 16, 2)])
+    evaluator = tiny_evaluator(tmp_path, user_config())  # its config names the DNA space: the given one wins
+    strategy = BlockwiseDNA("params=1M", top_k=2, ranking=RANKING)
+    samples, models = _run(NasExperiment(space, evaluator, strategy, _sequential(tmp_path)))
+    assert evaluator.config.model.student.module is not None
+    assert samples and all(set(sample) == {f"b{i}_{c}" for i in range(3) for c in ("width", "op", "depth")}
+                           for sample in samples)
+    assert all(isinstance(m, ArchitectureModel) and 0.0 <= m.metric <= 1.0 for m in models)

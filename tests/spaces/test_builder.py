@@ -128,3 +128,20 @@ def test_factory_results_and_label_clashes(monkeypatch):
     monkeypatch.setattr(builder, "import_object", lambda *args: same_labels)
     with pytest.raises(ConfigError, match=r"label 'b0_width' is used by block 0 and block 1; labels must be unique"):
         build_student(StudentConfig(class_path="anything:here"), t, teacher_shapes(t, SAMPLE), seed=0)
+
+
+def test_student_module_file_counts_its_blocks(tmp_path, monkeypatch):
+    from conftest import EXAMPLES, user_config
+    from nni_pipebd.job import build_job
+    from nni_pipebd.library import save_object_file
+
+    monkeypatch.syspath_prepend(str(EXAMPLES / "custom"))
+    import custom_space
+
+    short = save_object_file(custom_space.StudentSpace([custom_space.BlockSpace(0, 1, 4, 1)]), tmp_path, "student")
+    with pytest.raises(ConfigError, match=r"has 1 blocks but the teacher has 4; give one block space per teacher"):
+        build_job(user_config().with_student(short))
+    with pytest.raises(ConfigError, match="without `blocks`"):
+        build_job(user_config().with_student(save_object_file(3, tmp_path, "student")))
+    with pytest.raises(ConfigError, match="is the student space itself; drop class_path"):
+        user_config(model={"student": {"class_path": "custom_space:block_space", "module": str(short)}})

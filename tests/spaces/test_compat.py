@@ -143,3 +143,21 @@ def test_mixed_batchnorm_follows_its_momentum_like_nn_batchnorm():
         h = space.conv(batches[0])
         space.bn(h), plain(h)
     torch.testing.assert_close(space.bn.running_var[:2], plain.running_var, rtol=0, atol=0)
+
+
+def test_a_space_survives_pickling(monkeypatch):
+    """NNI 3.0 tests its "no default" sentinel by identity; without the fix an unpickled space fails on a sample."""
+    import io
+
+    from conftest import EXAMPLES
+    from nni_pipebd.spaces.supernet import BlockSupernet
+
+    monkeypatch.syspath_prepend(str(EXAMPLES / "custom"))
+    import custom_space
+
+    buffer = io.BytesIO()
+    torch.save(custom_space.BlockSpace(0, 3, 4, 2), buffer)
+    buffer.seek(0)
+    supernet = BlockSupernet(torch.load(buffer, weights_only=False), 0)
+    supernet.set_path({"b0_width": 2, "b0_op": "conv5", "b0_depth": 1})
+    assert supernet(torch.zeros(2, 3, 8, 8)).shape == (2, 4, 4, 4)
