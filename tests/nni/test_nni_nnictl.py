@@ -94,7 +94,7 @@ def test_nnictl_create_runs_distillation_search_and_evaluations(tmp_path):
     assert (tmp_path / "lib" / "nni_results.json").is_file()
 
 
-@pytest.mark.parametrize("example", ["digits", "cifar10", "imagenet"])
+@pytest.mark.parametrize("example", ["digits", "cifar10", "imagenet", "custom"])
 def test_example_configs_are_valid_nni_configs(example):
     path = EXAMPLES / example / "nni_config.yml"
     config = ExperimentConfig.load(str(path))
