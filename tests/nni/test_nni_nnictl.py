@@ -38,6 +38,10 @@ def _logs(experiments: Path) -> str:
     return "\n".join(parts)
 
 
+# the user's teacher, data and NNI block space (examples/custom), as a YAML job names them
+USER_JOB_WITH_SPACE = user_config(model={"student": {"class_path": "custom_space:block_space"}})
+
+
 @pytest.mark.timeout(600)
 def test_nnictl_create_runs_distillation_search_and_evaluations(tmp_path):
     require_nnictl()
@@ -51,11 +55,11 @@ def test_nnictl_create_runs_distillation_search_and_evaluations(tmp_path):
         "experimentName": "pipebd-test", "searchSpace": {}, "trialCodeDirectory": str(tmp_path),
         "trialCommand": f"{sys.executable} -m nni_pipebd.nni.trial", "trialConcurrency": 2, "maxTrialNumber": 3,
         "experimentWorkingDirectory": str(experiments), "trainingService": {"platform": "local"},
-        "tuner": {"name": "PipeBD", "classArgs": {"config": user_config().to_dict(), "library_dir": "lib",
+        "tuner": {"name": "PipeBD", "classArgs": {"config": USER_JOB_WITH_SPACE.to_dict(), "library_dir": "lib",
                                                   "budget": "params=1M", "top_k": 2, "finetune": FINETUNE,
                                                   "ranking": RANKING}},
     }
-    for module in ("custom_teacher.py", "custom_data.py"):  # the user's teacher and data, in the trial code folder
+    for module in ("custom_teacher.py", "custom_data.py", "custom_space.py"):  # the user's code, in the trial folder
         shutil.copy(EXAMPLES / "custom" / module, tmp_path / module)
     path = tmp_path / "config.yml"
     path.write_text(yaml.safe_dump(config))
@@ -89,6 +93,8 @@ def test_nnictl_create_runs_distillation_search_and_evaluations(tmp_path):
         -statistics.fmean(v for k, v in metric.items() if k.startswith("block_")))
     assert sum(k.startswith("block_") for k in metric) == 4  # the user teacher: stem, stage1, stage2, head
     evaluations = sorted(by_task["evaluate"], key=lambda e: e[0]["rank"])
+    labels = {f"b{i}_{choice}" for i in range(3) for choice in ("width", "op", "depth")}
+    assert all(set(p["sample"]) == labels for p, _ in evaluations), evaluations  # the user space's own labels
     assert [p["rank"] for p, _ in evaluations] == [0, 1]
     assert all(0.0 <= m["default"] <= 1.0 and m["params"] > 0 for _, m in evaluations)
     assert (tmp_path / "lib" / "nni_results.json").is_file()
