@@ -18,7 +18,7 @@ from .spaces.dna import StudentSpace
 from .spec.blocks import BlockSpec, teacher_shapes
 from .spec.teachers import build_teacher, build_teacher_blocks
 
-__all__ = ["Job", "build_job"]
+__all__ = ["Job", "build_job", "build_student_space"]
 
 _logger = logging.getLogger(__name__)
 
@@ -64,17 +64,29 @@ class Job:
         return iter(make_loader(self.dataset, batches, self.config.data.num_workers))
 
 
-def build_job(config: Config) -> Job:
-    """Build data, teacher blocks (weights loaded, frozen) and student blocks from ``config``."""
+def _teacher(config: Config) -> Tuple[Dataset, Tensor, list, list]:
+    """The training data, a probe batch, the frozen teacher blocks and their (input, output) shapes."""
     dataset = build_dataset(config.data, config.base_dir, "train")
     sample = torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))])
     with torch.random.fork_rng(devices=[]):  # a teacher without weights is still the same in every process
         torch.manual_seed(config.distill.seed)
         model = build_teacher(config.model.teacher, config.base_dir)
     teacher, _ = build_teacher_blocks(model, sample, config.model.teacher.boundaries)
-    shapes = teacher_shapes(teacher, sample)
+    return dataset, sample, teacher, teacher_shapes(teacher, sample)
+
+
+def build_job(config: Config) -> Job:
+    """Build data, teacher blocks (weights loaded, frozen) and student blocks from ``config``."""
+    dataset, sample, teacher, shapes = _teacher(config)
     space = build_student(config.model.student, teacher, shapes, config.distill.seed, config.base_dir)
     spec = BlockSpec(teacher, list(space.blocks), sample)
     order = BatchOrder(len(dataset), config.data.batch_size, config.distill.seed,
                        config.distill.max_steps_per_epoch)
     return Job(config, spec, space, dataset, order)
+
+
+def build_student_space(config: Config) -> StudentSpace:
+    """The student as plain NNI block spaces (not supernets): the space ``NasExperiment`` explores and freezes."""
+    _, _, teacher, shapes = _teacher(config)
+    return build_student(config.model.student, teacher, shapes, config.distill.seed, config.base_dir,
+                         supernet=False)

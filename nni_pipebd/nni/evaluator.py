@@ -209,17 +209,18 @@ class BlockwiseDistillation(Evaluator):
     # --- the space -------------------------------------------------------------------------------------------------
 
     def student_space(self):
-        """A fresh :class:`~nni_pipebd.spaces.dna.StudentSpace` of this job (random weights; for ``NasExperiment``)."""
-        from ..job import build_job
+        """A fresh :class:`~nni_pipebd.spaces.dna.StudentSpace` of this job for ``NasExperiment``: plain NNI block
+        spaces (random weights), not the supernets the library trains, so NNI runs it on any engine."""
+        from ..job import build_student_space
 
-        return build_job(structure_config(self.config)).space
+        return build_student_space(structure_config(self.config))
 
     def space_choices(self) -> Dict[str, List[str]]:
-        """Label -> candidate names of the library's space (derived from the config; no weights or data needed)."""
+        """Label -> candidate values of the library's space (derived from the config; no weights or data needed)."""
         if self._choices is None:
-            from ..spaces.dna import path_choices
+            from .space import space_choices
 
-            self._choices = path_choices(list(self.student_space().blocks))
+            self._choices = space_choices(self.student_space())
         return dict(self._choices)
 
     # --- the two kinds of work -------------------------------------------------------------------------------------

@@ -140,15 +140,16 @@ def _module_factory(path: str, num_blocks: int) -> Tuple[BlockFactory, Callable[
 
 
 def make_block(factory: BlockFactory, index: int, teacher_block: nn.Module, shape_in: Shape, shape_out: Shape,
-               options: Mapping[str, Any], where: str = "the block factory") -> nn.Module:
-    """Student block ``index`` from ``factory``: a :class:`BlockSupernet` of a returned ``ModelSpace``, a returned
-    plain module as it is, or a fresh copy of the teacher block for ``None``."""
+               options: Mapping[str, Any], where: str = "the block factory", supernet: bool = True) -> nn.Module:
+    """Student block ``index`` from ``factory``: a :class:`BlockSupernet` of a returned ``ModelSpace`` (the space
+    itself with ``supernet=False``), a returned plain module as it is, or a fresh copy of the teacher block for
+    ``None``."""
     block = factory(index=index, shape_in=tuple(shape_in), shape_out=tuple(shape_out), teacher_block=teacher_block,
                     **options)
     if block is None:
         return fresh_copy(teacher_block)
     if isinstance(block, ModelSpace):
-        return BlockSupernet(block, index)
+        return BlockSupernet(block, index) if supernet else block
     if isinstance(block, nn.Module):
         return block
     raise ConfigError(f"{where} returned a {type(block).__name__} for block {index} ({shape_in} -> {shape_out}); "
@@ -157,8 +158,11 @@ def make_block(factory: BlockFactory, index: int, teacher_block: nn.Module, shap
 
 
 def build_student(config: StudentConfig, teacher: Sequence[nn.Module], shapes: Sequence[Tuple[Shape, Shape]],
-                  seed: int, base_dir: Optional[str] = None) -> StudentSpace:
+                  seed: int, base_dir: Optional[str] = None, supernet: bool = True) -> StudentSpace:
     """Student blocks for ``teacher`` as a :class:`StudentSpace`, one factory call per teacher block.
+
+    With ``supernet=False`` the block spaces stay plain NNI spaces (what ``NasExperiment`` explores and freezes);
+    training uses the supernets.
 
     Block i is built (and its supernet made) under the seed :func:`block_seed` (seed, i), whatever else is built.
     Labels must be unique across blocks: a sample dict of the whole student names each block's choices.
@@ -168,7 +172,7 @@ def build_student(config: StudentConfig, teacher: Sequence[nn.Module], shapes: S
     for i, (block, (shape_in, shape_out)) in enumerate(zip(teacher, shapes)):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(block_seed(seed, i))
-            blocks.append(make_block(factory, i, block, shape_in, shape_out, options(i), where))
+            blocks.append(make_block(factory, i, block, shape_in, shape_out, options(i), where, supernet))
     check_unique_labels(blocks)
     return StudentSpace(blocks)
 
