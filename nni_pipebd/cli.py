@@ -144,22 +144,12 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _blocks(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    import torch
-
     from .config import load_config
-    from .data.datasets import build_dataset
+    from .job import probe_teacher
     from .spec.split import trace_model
-    from .spec.teachers import build_teacher
 
     config = load_config(args.config)
-    dataset = build_dataset(config.data, config.base_dir, "train")
-    sample = torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.distill.seed)
-        shape_only = dataclasses.replace(config.model.teacher, checkpoint=None, weights=None)  # weights not needed
-        model = build_teacher(shape_only, config.base_dir)
+    _, sample, model = probe_teacher(config, weights=False)  # only shapes matter here
     traced = trace_model(model, sample)
     default = set(traced.default_positions())
     chosen = set(default if config.model.teacher.boundaries is None else

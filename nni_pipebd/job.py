@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Iterator, Tuple
@@ -18,7 +19,7 @@ from .spaces.dna import StudentSpace
 from .spec.blocks import BlockSpec, teacher_shapes
 from .spec.teachers import build_teacher, build_teacher_blocks
 
-__all__ = ["Job", "build_job", "build_student_space"]
+__all__ = ["Job", "build_job", "build_student_space", "probe_teacher"]
 
 _logger = logging.getLogger(__name__)
 
@@ -64,13 +65,21 @@ class Job:
         return iter(make_loader(self.dataset, batches, self.config.data.num_workers))
 
 
-def _teacher(config: Config) -> Tuple[Dataset, Tensor, list, list]:
-    """The training data, a probe batch, the frozen teacher blocks and their (input, output) shapes."""
+def probe_teacher(config: Config, weights: bool = True) -> Tuple[Dataset, Tensor, torch.nn.Module]:
+    """The training data, a probe batch of it and the teacher (its weights loaded unless ``weights`` is false)."""
     dataset = build_dataset(config.data, config.base_dir, "train")
     sample = torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))])
+    teacher = config.model.teacher if weights else dataclasses.replace(config.model.teacher, checkpoint=None,
+                                                                         weights=None)
     with torch.random.fork_rng(devices=[]):  # a teacher without weights is still the same in every process
         torch.manual_seed(config.distill.seed)
-        model = build_teacher(config.model.teacher, config.base_dir)
+        model = build_teacher(teacher, config.base_dir)
+    return dataset, sample, model
+
+
+def _teacher(config: Config) -> Tuple[Dataset, Tensor, list, list]:
+    """The training data, a probe batch, the frozen teacher blocks and their (input, output) shapes."""
+    dataset, sample, model = probe_teacher(config)
     teacher, _ = build_teacher_blocks(model, sample, config.model.teacher.boundaries)
     return dataset, sample, teacher, teacher_shapes(teacher, sample)
 

@@ -62,3 +62,15 @@ def assert_same_blocks(a_dir, b_dir, n, exact=True, **tolerances):
             else:
                 torch.testing.assert_close(a[key], b[key], msg=lambda m, i=i, key=key: f"block {i} {key}: {m}",
                                            **tolerances)
+
+
+def train_one_step(block, x, path, lr=0.1):
+    """Run ``block`` on ``path`` and apply one plain SGD step of ``mean(out ** 2)``, leaving it in eval mode."""
+    block.train()
+    block.set_path(path)
+    block(x).pow(2).mean().backward()
+    with torch.no_grad():
+        for p in block.parameters():
+            if p.grad is not None:
+                p.sub_(lr * p.grad)
+    block.eval()

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import assert_same_blocks, tiny_config
+from conftest import assert_same_blocks, tiny_config, train_one_step
 from nni_pipebd.config import Config, ConfigError, StudentConfig
 from nni_pipebd.distill.sampler import PathSampler
 from nni_pipebd.executors.launch import train
@@ -108,14 +108,7 @@ def test_frozen_path_keeps_the_supernet_weights(teacher):
     block = make_block(factory, 2, blocks[2], *shapes[2], options(2), where)
     path = {"s2_kernel": 5, "s2_expansion": 4, "s2_attention": "se", "s2_depth": 2, "s2_width": 12}
     x = torch.randn(4, *shapes[2][0])
-    block.train()
-    block.set_path(path)
-    block(x).pow(2).mean().backward()
-    with torch.no_grad():
-        for p in block.parameters():
-            if p.grad is not None:
-                p.sub_(0.1 * p.grad)
-    block.eval()
+    train_one_step(block, x, path)
     expected = block(x)
     frozen = block.freeze(path).eval()
     assert not any(type(m).__name__.startswith(("Mixed", "PathSampling")) for m in frozen.modules())

@@ -6,6 +6,7 @@ import torch
 from nni.nas.nn.pytorch import LayerChoice, ModelSpace, MutableBatchNorm2d, MutableConv2d, Repeat
 from torch import nn
 
+from conftest import train_one_step
 from nni_pipebd.spaces.supernet import BlockSupernet, space_choices
 
 
@@ -48,14 +49,7 @@ def test_choices_keep_the_space_labels_and_value_types():
 def test_frozen_path_runs_like_the_supernet_with_its_weights(sample):
     block = supernet()
     x = torch.randn(2, 3, 6, 6)
-    block.train()
-    block.set_path(sample)
-    block(x).pow(2).mean().backward()  # train a step's worth of statistics and gradients
-    with torch.no_grad():
-        for p in block.parameters():
-            if p.grad is not None:
-                p.sub_(0.1 * p.grad)
-    block.eval()
+    train_one_step(block, x, sample)
     expected = block(x)
     frozen = block.freeze({**sample, "other_block": "ignored"}).eval()
     assert not any(type(m).__name__.startswith(("Mixed", "PathSampling")) for m in frozen.modules())
