@@ -18,7 +18,7 @@ from .checkpoint import Checkpointer, common_step, load_checkpoint
 from .stopping import StopControl
 
 __all__ = ["WorkerContext", "BlockReport", "WorkerReport", "Executor", "register", "get_executor",
-           "executor_names", "finish_step", "stage_state", "restore_stage", "rss_mb"]
+           "executor_names", "stage_state", "rss_mb"]
 
 
 @dataclass
@@ -145,43 +145,11 @@ def rss_mb(field_name: str = "VmRSS") -> float:
     return 0.0
 
 
-def finish_step(ctx: WorkerContext, done: int, total: int, steps_per_epoch: int, trainers, report: WorkerReport,
-                checkpoints: Checkpointer, last: bool = False) -> None:
-    """Bookkeeping after a worker's ``done``-th step: progress, epoch ends (losses, memory), due checkpoints.
-
-    ``last``: the run stops after this step (a stop was requested): it is checkpointed whatever
-    ``checkpoint_every`` says, and :class:`~nni_pipebd.executors.stopping.RunStopped` is raised — unless this was
-    the run's final step anyway.
-    """
-    ctx.progress.update(done, total, report.label)
-    if done % steps_per_epoch == 0:
-        for block_report in report.blocks.values():
-            block_report.end_epoch()
-        report.end_epoch()
-    stop = last and done < total
-    if checkpoints.due(done) or stop:
-        checkpoints.save(done, stage_state(trainers, report))
-    if stop:
-        raise ctx.stop.stop(done)
-
-
 def stage_state(trainers, report: WorkerReport) -> dict:
     """What a stage checkpoints: its trainers, its block reports and its counters."""
     return {"trainers": {t.index: t.full_state() for t in trainers},
             "reports": {i: r.to_dict() for i, r in report.blocks.items()},
             "counters": dict(report.counters)}
-
-
-def restore_stage(state, trainers, report: WorkerReport) -> int:
-    """Load a checkpoint written by :func:`stage_state`; returns the steps already done (0 without one)."""
-    if state is None:
-        return 0
-    for trainer in trainers:
-        trainer.load_full_state(state["trainers"][trainer.index])
-    for i in report.blocks:
-        report.blocks[i] = BlockReport.from_dict(state["reports"][i])
-    report.counters = dict(state["counters"])
-    return int(state["steps_done"])
 
 
 _REGISTRY: Dict[str, Type[Executor]] = {}

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-__all__ = ["allreduce_gradients", "Sender", "Receiver"]
+__all__ = ["allreduce_gradients", "Sender", "Receiver", "FlagSender", "FlagReceiver"]
 
 
 def allreduce_gradients(params: List[torch.Tensor], loss: torch.Tensor, group=None,
@@ -34,7 +34,7 @@ def allreduce_gradients(params: List[torch.Tensor], loss: torch.Tensor, group=No
     return reduced[-2].reshape(()), bool(reduced[-1].item() > 0)
 
 
-_DATA, _CONTROL = 0, 1  # message tags: the activation rows, and the step's stop flag beside them
+_DATA = 0  # message tags: ``tag`` for a stream's rows, ``tag + 1`` for the step's stop flag beside them
 
 
 class Sender:
@@ -43,11 +43,13 @@ class Sender:
     ``routes`` lists (destination rank, lo, hi) in local rows. A sent tensor is kept alive until its sends
     complete; when ``depth`` steps are pending, the oldest is waited for first (with ``timeout``), which bounds
     how far this stage runs ahead of the next. Each step also sends a one-element stop flag to every destination
-    (``True``: this step is the run's last, see :mod:`~nni_pipebd.executors.stopping`).
+    (``True``: this step is the run's last, see :mod:`~nni_pipebd.executors.stopping`). ``tag`` tells streams
+    between the same two ranks apart (the flag uses ``tag + 1``).
     """
 
-    def __init__(self, routes: Sequence[Tuple[int, int, int]], depth: int, timeout, group=None):
+    def __init__(self, routes: Sequence[Tuple[int, int, int]], depth: int, timeout, group=None, tag: int = _DATA):
         self.routes, self.depth, self.timeout, self.group = list(routes), depth, timeout, group
+        self.tag = tag
         self._pending: Deque[Tuple[torch.Tensor, List[Any]]] = deque()
 
     def send(self, tensor: torch.Tensor, stop: bool = False) -> None:
@@ -55,8 +57,8 @@ class Sender:
             self._wait_oldest()
         tensor = tensor.contiguous()
         flag = torch.full((1,), int(bool(stop)), dtype=torch.int64, device=tensor.device)
-        works = [dist.isend(tensor[lo:hi], dst, group=self.group, tag=_DATA) for dst, lo, hi in self.routes]
-        works += [dist.isend(flag, dst, group=self.group, tag=_CONTROL) for dst, _, _ in self.routes]
+        works = [dist.isend(tensor[lo:hi], dst, group=self.group, tag=self.tag) for dst, lo, hi in self.routes]
+        works += [dist.isend(flag, dst, group=self.group, tag=self.tag + 1) for dst, _, _ in self.routes]
         self._pending.append(((tensor, flag), works))
 
     def flush(self) -> None:
@@ -80,8 +82,8 @@ class Receiver:
     """
 
     def __init__(self, routes: Sequence[Tuple[int, int, int]], shape: Sequence[int], dtype: torch.dtype,
-                 device: torch.device, depth: int, total: int, timeout, group=None):
-        self.routes, self.timeout, self.group = list(routes), timeout, group
+                 device: torch.device, depth: int, total: int, timeout, group=None, tag: int = _DATA):
+        self.routes, self.timeout, self.group, self.tag = list(routes), timeout, group, tag
         self._free = [torch.empty(tuple(shape), dtype=dtype, device=device) for _ in range(depth + 1)]
         self._device = device
         self._pending: Deque[Tuple[torch.Tensor, List[torch.Tensor], List[Any]]] = deque()
@@ -95,8 +97,8 @@ class Receiver:
         if self._to_post > 0 and self._free:
             buffer = self._free.pop()
             flags = [torch.zeros(1, dtype=torch.int64, device=self._device) for _ in self.routes]
-            works = [dist.irecv(buffer[lo:hi], src, group=self.group, tag=_DATA) for src, lo, hi in self.routes]
-            works += [dist.irecv(flag, src, group=self.group, tag=_CONTROL)
+            works = [dist.irecv(buffer[lo:hi], src, group=self.group, tag=self.tag) for src, lo, hi in self.routes]
+            works += [dist.irecv(flag, src, group=self.group, tag=self.tag + 1)
                       for flag, (src, _, _) in zip(flags, self.routes)]
             self._pending.append((buffer, flags, works))
             self._to_post -= 1
@@ -116,6 +118,59 @@ class Receiver:
         self.stop = any(bool(flag.item()) for flag in flags)
         self._lent = buffer
         return buffer
+
+
+_FLAG = 2  # tag of the leader's stop decision sent on its own
+
+
+class FlagSender:
+    """Sends the leader's stop decision at the start of every step to ranks no other message would tell in time
+    (at most ``depth`` steps in flight)."""
+
+    def __init__(self, destinations: Sequence[int], depth: int, timeout, device: torch.device, group=None):
+        self.destinations, self.depth, self.timeout = list(destinations), depth, timeout
+        self.device, self.group = device, group
+        self._pending: Deque[List[Any]] = deque()
+
+    def send(self, stop: bool) -> None:
+        while len(self._pending) >= self.depth:
+            self._wait_oldest()
+        flag = torch.full((1,), int(bool(stop)), dtype=torch.int64, device=self.device)
+        self._pending.append([flag] + [dist.isend(flag, dst, group=self.group, tag=_FLAG)
+                                       for dst in self.destinations])
+
+    def flush(self) -> None:
+        while self._pending:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        works = self._pending.popleft()[1:]
+        for dst, work in zip(self.destinations, works):
+            _wait(work, self.timeout, f"send of the stop decision to rank {dst}")
+
+
+class FlagReceiver:
+    """Receives the leader's stop decision of every step (``total`` steps, ``depth`` receives posted ahead)."""
+
+    def __init__(self, source: int, total: int, depth: int, timeout, device: torch.device, group=None):
+        self.source, self.timeout, self.device, self.group = source, timeout, device, group
+        self._pending: Deque[Tuple[torch.Tensor, Any]] = deque()
+        self._to_post = total
+        for _ in range(depth):
+            self._post()
+
+    def _post(self) -> None:
+        if self._to_post > 0:
+            flag = torch.zeros(1, dtype=torch.int64, device=self.device)
+            self._pending.append((flag, dist.irecv(flag, self.source, group=self.group, tag=_FLAG)))
+            self._to_post -= 1
+
+    def recv(self) -> bool:
+        """Whether the leader decided that this step is the run's last."""
+        self._post()
+        flag, work = self._pending.popleft()
+        _wait(work, self.timeout, f"receive of the stop decision from rank {self.source}")
+        return bool(flag.item())
 
 
 def _wait(work, timeout, what: str) -> None:

@@ -1,7 +1,8 @@
 """Fault injection for tests: ``NNI_PIPEBD_FAULT="rank=R,step=S[,kind=raise|kill|slow]"`` fails rank R at step S.
 
-``slow`` does not fail: it makes rank R sleep ``seconds`` (default 0.3) before every step from S on, so that a test can
-signal a run while it trains.
+``slow`` does not fail: it makes rank R sleep ``seconds`` (default 0.3) before every step from S on (``every=K``: every
+K-th step from S), so that a test can signal a run while it trains or make ranks slow by turns. Several faults are
+separated by ``;``.
 """
 
 from __future__ import annotations
@@ -21,18 +22,21 @@ class InjectedFault(RuntimeError):
 
 def inject(rank: int, step: int) -> None:
     """Fail here if ``NNI_PIPEBD_FAULT`` names this rank and step (``step`` counts this worker's steps from 0)."""
-    spec = os.environ.get(ENV)
-    if not spec:
-        return
+    for spec in filter(None, os.environ.get(ENV, "").split(";")):
+        _inject(spec, rank, step)
+
+
+def _inject(spec: str, rank: int, step: int) -> None:
     try:
         fields = dict(item.split("=", 1) for item in spec.split(","))
         target_rank, target_step = int(fields["rank"]), int(fields["step"])
         kind = fields.get("kind", "raise")
-        seconds = float(fields.get("seconds", 0.3))
+        seconds, every = float(fields.get("seconds", 0.3)), int(fields.get("every", 1))
     except (KeyError, ValueError):
-        raise ValueError(f"{ENV} = {spec!r}; expected 'rank=R,step=S[,kind=raise|kill|slow][,seconds=X]'") from None
+        raise ValueError(f"{ENV} = {spec!r}; expected 'rank=R,step=S[,kind=raise|kill|slow][,seconds=X][,every=K]' "
+                         "(several separated by ';')") from None
     if kind == "slow":
-        if rank == target_rank and step >= target_step:
+        if rank == target_rank and step >= target_step and (step - target_step) % every == 0:
             time.sleep(seconds)
         return
     if rank != target_rank or step != target_step:

@@ -8,10 +8,11 @@ from typing import List
 from ..job import Job
 from ..plan.cost import job_block_costs
 from ..plan.partition import greedy_assignment
+from ..plan.plan import Phase, Placement, Plan, Relay
 from .base import Executor, WorkerContext, WorkerReport, register
-from .dp import train_block_on_prefix
+from .runtime import run_plan
 
-__all__ = ["TaskParallelExecutor", "block_assignment"]
+__all__ = ["TaskParallelExecutor", "block_assignment", "ls_plan"]
 
 
 def block_assignment(job: Job, workers: int) -> List[List[int]]:
@@ -19,6 +20,12 @@ def block_assignment(job: Job, workers: int) -> List[List[int]]:
     costs = job_block_costs(job)
     prefixes = [0.0] + list(accumulate(t for t, _ in costs))[:-1]
     return greedy_assignment([p + t + s for p, (t, s) in zip(prefixes, costs)], workers)
+
+
+def ls_plan(bins) -> Plan:
+    """Worker w trains its blocks in turn, each alone on whole batches after its own run of the teacher prefix."""
+    return Plan([Phase((Relay(0, i + 1, (w,)),), (Placement(i, (w,)),)) for w, blocks in enumerate(bins)
+                 for i in blocks])
 
 
 @register
@@ -41,13 +48,5 @@ class TaskParallelExecutor(Executor):
                              f"{num_blocks} blocks; use at most {num_blocks} workers")
 
     def run_worker(self, ctx: WorkerContext, job: Job, save_block) -> WorkerReport:
-        mine = block_assignment(job, ctx.world_size)[ctx.rank]
-        report = WorkerReport(ctx.rank, label=f"rank {ctx.rank}: blocks {mine}")
-        ctx.announce(report.label)
-        spb = job.steps_per_block
-        for n, i in enumerate(mine):
-            trainer = train_block_on_prefix(ctx, job, i, report, step_base=n * spb, progress_total=len(mine) * spb)
-            save_block(i, trainer.state_dict())
-            if ctx.stop.pending and n + 1 < len(mine):
-                raise ctx.stop.stop(None)  # ls writes no resumable checkpoints
-        return report
+        bins = block_assignment(job, ctx.world_size)
+        return run_plan(ctx, job, ls_plan(bins), save_block, label=f"rank {ctx.rank}: blocks {bins[ctx.rank]}")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import torch
-
-from ..distill.trainer import BlockTrainer
 from ..job import Job
-from .base import BlockReport, Executor, WorkerContext, WorkerReport, finish_step, register, restore_stage
-from .faults import inject
+from ..plan.plan import Plan, Stage
+from .base import Executor, WorkerContext, WorkerReport, register
+from .runtime import run_plan
 
-__all__ = ["ReferenceExecutor"]
+__all__ = ["ReferenceExecutor", "reference_plan"]
+
+
+def reference_plan(num_blocks: int) -> Plan:
+    """One rank runs every teacher block once per step and trains every student block on the relay."""
+    return Plan([Stage(0, num_blocks, 1)])
 
 
 @register
@@ -25,37 +28,5 @@ class ReferenceExecutor(Executor):
                              "use --workers 1 or a parallel executor (dp, ls, pipebd)")
 
     def run_worker(self, ctx: WorkerContext, job: Job, save_block) -> WorkerReport:
-        spec, device, tracer = job.spec, ctx.device, ctx.tracer
-        teacher = [block.to(device) for block in spec.teacher]
-        trainers = [BlockTrainer(i, block.to(device), job.config.distill, job.steps_per_block)
-                    for i, block in enumerate(spec.student)]
-        report = WorkerReport(ctx.rank, label="reference: all blocks")
-        report.blocks = {i: BlockReport() for i in range(job.num_blocks)}
-        ctx.announce(report.label)
-        checkpoints = ctx.checkpointer("reference", job.config.execution.checkpoint_every)
-        done = restore_stage(ctx.resume_state(["reference"], "reference"), trainers, report)
-        steps = job.order.steps_per_epoch
-        for epoch in range(done // steps, job.config.distill.epochs):
-            batches = iter(job.loader(epoch, start_step=done % steps if epoch == done // steps else 0))
-            while True:
-                with tracer.span("data"):
-                    images = next(batches, None)
-                if images is None:
-                    break
-                last = ctx.stop.poll(leader=True)
-                inject(ctx.rank, done)
-                x = images[0].to(device)
-                report.count("samples_loaded", len(x))
-                for i, (block, trainer) in enumerate(zip(teacher, trainers)):
-                    with tracer.span("teacher"), torch.no_grad():
-                        y = block(x)
-                    report.count("teacher_block_forwards", len(x))
-                    with tracer.span("student"):
-                        report.blocks[i].add(trainer.step(x, y))
-                    x = y
-                done += 1
-                finish_step(ctx, done, job.config.distill.epochs * steps, steps, trainers, report, checkpoints, last)
-        for i, trainer in enumerate(trainers):
-            save_block(i, trainer.state_dict())
-        return report
-
+        return run_plan(ctx, job, reference_plan(job.num_blocks), save_block, label="reference: all blocks",
+                        keys=["reference"])

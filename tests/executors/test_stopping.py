@@ -181,7 +181,7 @@ def test_in_process_reference_stops_on_sigterm_and_resumes_bitwise(tmp_path, mon
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr("nni_pipebd.executors.reference.inject", signal_at_step_2)
+    monkeypatch.setattr("nni_pipebd.executors.runtime.inject", signal_at_step_2)
     with pytest.raises(RunStopped, match="stopped on SIGTERM after step 4") as stopped:
         train(config, tmp_path / "run")
     assert stopped.value.exit_code == 143 and stopped.value.resumable

@@ -1,0 +1,329 @@
+"""The one stage runtime: every executor's plan runs here — receive, teacher, send, student steps, all-reduce."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..distill.trainer import BlockTrainer
+from ..job import Job
+from ..plan.plan import Phase, Placement, Plan, RankRoutes
+from .base import BlockReport, WorkerContext, WorkerReport, stage_state
+from .comm import FlagReceiver, FlagSender, Receiver, Sender, allreduce_gradients
+from .faults import inject
+from .syncbn import convert_sync_batchnorm
+
+__all__ = ["run_plan", "stage_label"]
+
+
+def run_plan(ctx: WorkerContext, job: Job, plan: Plan, save_block, label: Optional[str] = None,
+             keys: Optional[Sequence[str]] = None) -> WorkerReport:
+    """Run this rank's share of ``plan``: its phases in order, every step of every epoch.
+
+    Per step of a phase, a rank serving a relay link loads its rows (first link) or receives them (every other),
+    runs its teacher blocks once under ``no_grad``, sends the activation on and the input/target rows of its blocks
+    to students trained elsewhere; a rank training students assembles their rows, runs forward and backward,
+    all-reduces the gradients inside a multi-device placement (BatchNorm synchronised with ``execution.sync_bn``),
+    waits at a barrier when ``execution.decoupled`` is off, and steps. The phase's leader decides a stop and the
+    decision travels with the step's messages, so every rank of a phase ends after the same step. A finished
+    block is saved by the first rank of its placement.
+
+    ``keys``: the checkpoint name of every rank (default ``rank<r>``); a plan whose phases do not all span every
+    rank (``ls``) writes no resumable checkpoints.
+    """
+    execution, batch = job.config.execution, job.config.data.batch_size
+    plan.validate(job.num_blocks, ctx.world_size, batch, job.config.distill.paths_per_step)
+    groups = _groups(ctx, plan)
+    mine = [phase for phase in plan.phases if ctx.rank in phase.ranks]
+    per_phase = job.config.distill.epochs * job.order.steps_per_epoch
+    report = WorkerReport(ctx.rank, label=label or stage_label(plan, ctx.rank))
+    ctx.announce(report.label)
+    keys = list(keys or [f"rank{r}" for r in range(ctx.world_size)])
+    checkpoints = ctx.checkpointer(keys[ctx.rank], execution.checkpoint_every)
+    state = ctx.resume_state(keys, keys[ctx.rank]) if plan.resumable else None
+    done = 0
+    if state is not None:
+        done = int(state["steps_done"])
+        report.blocks = {int(i): BlockReport.from_dict(r) for i, r in state["reports"].items()}
+        report.counters = dict(state["counters"])
+    run = _Run(ctx, job, plan, groups, report, checkpoints, len(mine) * per_phase)
+    for n, phase in enumerate(mine):
+        begin = n * per_phase
+        if done >= begin + per_phase:
+            continue  # finished before an interruption: its blocks are saved
+        start = state if state is not None and done > begin else None
+        trainers = run.phase(phase, done - begin, begin, start)
+        done = begin + per_phase
+        for placement in phase.students:
+            if placement.ranks[0] == ctx.rank:
+                save_block(placement.block, trainers[placement.block].state_dict())
+        more = n + 1 < len(mine)
+        if more and (checkpoints.every or ctx.stop.pending) and plan.resumable:
+            checkpoints.save(done, stage_state([], report))  # the blocks are saved: a resume starts after them
+        if more and ctx.stop.pending:
+            raise ctx.stop.stop(done if plan.resumable else None)
+    report.blocks = {p.block: report.blocks[p.block] for phase in mine for p in phase.students
+                     if p.ranks[0] == ctx.rank}
+    return report
+
+
+def stage_label(plan: Plan, rank: int) -> str:
+    """What ``rank`` does, for progress bars, failures and traces (``stage 0 (device 1/2): blocks 0-2``)."""
+    if plan.is_pipeline:
+        k, j = plan.locate(rank)
+        stage = plan.stages[k]
+        where = f" (device {j + 1}/{stage.devices})" if stage.devices > 1 else ""
+        return f"stage {k}{where}: blocks {stage.start}-{stage.stop - 1}"
+    parts = []
+    for phase in plan.phases:
+        if rank not in phase.ranks:
+            continue
+        teacher = [f"{r.start}-{r.stop - 1}" for r in phase.relays if rank in r.ranks]
+        students = [p.block for p in phase.students if rank in p.ranks]
+        parts.append(("teacher " + teacher[0] + ", " if teacher else "") + f"students {students}")
+    return f"rank {rank}: " + "; ".join(parts)
+
+
+def _groups(ctx: WorkerContext, plan: Plan) -> Dict[Tuple[int, ...], object]:
+    """A process group per multi-rank placement and per phase not spanning the world (every rank creates every
+    group, in plan order, as torch.distributed requires)."""
+    groups: Dict[Tuple[int, ...], object] = {}
+    if not ctx.distributed:
+        return groups
+    world = tuple(range(ctx.world_size))
+    for phase in plan.phases:
+        for ranks in [p.ranks for p in phase.students] + [phase.ranks]:
+            key = tuple(sorted(ranks))
+            if len(key) > 1 and key not in groups:
+                groups[key] = ctx.group if key == world else dist.new_group(list(key))
+    return groups
+
+
+class _Run:
+    """One rank's run of its phases: the shared state of every step."""
+
+    def __init__(self, ctx: WorkerContext, job: Job, plan: Plan, groups, report: WorkerReport, checkpoints,
+                 total: int):
+        self.ctx, self.job, self.plan, self.groups, self.report = ctx, job, plan, groups, report
+        self.checkpoints, self.total = checkpoints, total
+        self.batch = job.config.data.batch_size
+        self.steps = job.order.steps_per_epoch
+
+    def phase(self, phase: Phase, first: int, base: int, state: Optional[dict]) -> Dict[int, BlockTrainer]:
+        """Run ``phase`` from its step ``first``; ``base``: this rank's steps before the phase. Returns the
+        trainers of the blocks trained here."""
+        ctx, job, tracer = self.ctx, self.job, self.ctx.tracer
+        execution, device, spec = job.config.execution, ctx.device, job.spec
+        routes = self.plan.routes(phase, ctx.rank, self.batch)
+        relay = phase.relays[routes.relay] if routes.relay is not None else None
+        teacher = [spec.teacher[i].to(device) for i in relay.blocks] if relay is not None else []
+        trainers: Dict[int, BlockTrainer] = {}
+        scales: Dict[int, float] = {}
+        for placement in routes.students:
+            student = spec.student[placement.block].to(device)
+            group = self.groups.get(tuple(sorted(placement.ranks)))
+            if group is not None and execution.sync_bn:
+                student = convert_sync_batchnorm(student, group, device.type)
+            trainers[placement.block] = BlockTrainer(placement.block, student, job.config.distill,
+                                                     job.steps_per_block)
+            lo, hi = placement.rows(self.batch, ctx.rank)
+            scales[placement.block] = (hi - lo) / self.batch if group is not None else 1.0
+            self.report.blocks.setdefault(placement.block, BlockReport())
+        if state is not None:
+            for block, trainer in trainers.items():
+                trainer.load_full_state(state["trainers"][block])
+        left = job.config.distill.epochs * self.steps - first
+        links = _Links(ctx, job, phase, routes, left, relay)
+        barrier = None if execution.decoupled else self.groups.get(phase.ranks)
+        counted = [block.register_forward_hook(self._count) for block in teacher]
+        leader = ctx.rank == phase.leader
+        epochs = job.config.distill.epochs
+        try:
+            done = first
+            for epoch in range(first // self.steps, epochs):
+                skip = first % self.steps if epoch == first // self.steps else 0
+                source = None
+                if relay is not None and routes.relay == 0:
+                    j = relay.ranks.index(ctx.rank)
+                    source = iter(job.loader(epoch, j, len(relay.ranks), skip))
+                for _ in range(skip, self.steps):
+                    last = ctx.stop.poll(leader=leader)
+                    inject(ctx.rank, base + done)
+                    last = links.exchange_flag(last)
+                    pairs: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+                    if relay is not None:
+                        if source is not None:
+                            with tracer.span("data"):
+                                x = next(source)[0].to(device)
+                            self.report.count("samples_loaded", len(x))
+                        else:
+                            with tracer.span("recv"):
+                                x, flag = links.receive_relay()
+                            last = last or flag
+                        with tracer.span("teacher"), torch.no_grad():
+                            for i, block in zip(relay.blocks, teacher):
+                                y = block(x)
+                                pairs[i] = (x, y)
+                                x = y
+                        with tracer.span("send"):
+                            links.send(x, pairs, last)
+                    with tracer.span("recv"):
+                        inputs, flag = links.receive_feeds(pairs)
+                    last = last or flag
+                    losses = {}
+                    with tracer.span("student"):
+                        for block, trainer in trainers.items():
+                            losses[block] = trainer.forward_backward(*inputs[block], scales[block])
+                    for placement in routes.students:
+                        group = self.groups.get(tuple(sorted(placement.ranks)))
+                        if group is not None:
+                            with tracer.span("comm"):
+                                losses[placement.block], flag = allreduce_gradients(
+                                    trainers[placement.block].parameters_with_grad(), losses[placement.block],
+                                    group, last)
+                            last = last or flag
+                    if barrier is not None:
+                        with tracer.span("wait"):
+                            dist.barrier(group=barrier)
+                    with tracer.span("student"):
+                        for block, trainer in trainers.items():
+                            trainer.apply(losses[block])
+                            self.report.blocks[block].add(float(losses[block]))
+                    done += 1
+                    self._end_step(base + done, done, trainers, last, links)
+            links.flush()
+        finally:
+            for handle in counted:
+                handle.remove()
+        return trainers
+
+    def _count(self, _module, inputs, _output) -> None:
+        self.report.count("teacher_block_forwards", inputs[0].shape[0])
+
+    def _end_step(self, done: int, in_phase: int, trainers: Dict[int, BlockTrainer], last: bool, links) -> None:
+        """Progress, epoch ends, due checkpoints; a stop decided at this step ends the run here (after a
+        checkpoint when resumable) — or, at a phase's last step, after its blocks are saved."""
+        ctx, report = self.ctx, self.report
+        ctx.progress.update(done, self.total, report.label)
+        if in_phase % self.steps == 0:
+            for block in trainers:
+                report.blocks[block].end_epoch()
+            report.end_epoch()
+        phase_end = in_phase == self.job.config.distill.epochs * self.steps
+        stop = last and done < self.total and not phase_end
+        if last and phase_end and done < self.total:
+            ctx.stop.pending = True
+        if self.plan.resumable and (self.checkpoints.due(done) or stop) and not phase_end:
+            self.checkpoints.save(done, stage_state(list(trainers.values()), report))
+        if stop:
+            links.flush()  # the ranks after this one run to this step too: let them have their input
+            raise ctx.stop.stop(done if self.plan.resumable else None)
+
+
+class _Links:
+    """This rank's messages in one phase: the relay in and out, the feeds of students trained elsewhere, and the
+    leader's stop decision where no other message would carry it in time."""
+
+    def __init__(self, ctx: WorkerContext, job: Job, phase: Phase, routes: RankRoutes, steps: int, relay):
+        execution, spec, device = job.config.execution, job.spec, ctx.device
+        depth, timeout, group = execution.queue_depth, ctx.timeout, ctx.group
+        self.rank, self.routes, self.phase, self.relay = ctx.rank, routes, phase, relay
+        self.batch = job.config.data.batch_size
+        dtype = spec.sample.dtype
+        lo, hi = routes.rows
+        self.relay_in = self.relay_out = None
+        if routes.relay_in:
+            self.relay_in = Receiver([(src, a - lo, b - lo) for src, a, b in routes.relay_in],
+                                     (hi - lo,) + tuple(spec.shapes[relay.start][0]), dtype, device, depth, steps,
+                                     timeout, group)
+        if routes.relay_out:
+            self.relay_out = Sender([(dst, a - lo, b - lo) for dst, a, b in routes.relay_out], depth, timeout, group)
+        self.feeds_out: Dict[int, Sender] = {}
+        for block in sorted({b for b, _, _, _ in routes.feeds_out}):
+            paths = [(dst, a - lo, b - lo) for i, dst, a, b in routes.feeds_out if i == block]
+            self.feeds_out[block] = Sender(paths, depth, timeout, group, tag=_feed_tag(block))
+        self.feeds_in: Dict[int, Tuple[Optional[Receiver], List, Tuple[int, int], Placement]] = {}
+        for placement in routes.students:
+            sources = routes.feeds_in[placement.block]
+            if sources is None:
+                continue
+            p_lo, p_hi = placement.rows(self.batch, ctx.rank)
+            shape_in, shape_out = spec.shapes[placement.block]
+            width = _numel(shape_in) + _numel(shape_out)
+            remote = [(src, a - p_lo, b - p_lo) for src, a, b in sources if src != ctx.rank]
+            local = [(a, b) for src, a, b in sources if src == ctx.rank]
+            receiver = Receiver(remote, (p_hi - p_lo, width), dtype, device, depth, steps, timeout, group,
+                                tag=_feed_tag(placement.block)) if remote else None
+            self.feeds_in[placement.block] = (receiver, local, (p_lo, p_hi), placement)
+        self.shapes = spec.shapes
+        self.flag_in = (FlagReceiver(routes.flag_from, steps, depth, timeout, device, group)
+                        if routes.flag_from is not None else None)
+        self.flag_out = FlagSender(routes.flag_to, depth, timeout, device, group) if routes.flag_to else None
+
+    def exchange_flag(self, last: bool) -> bool:
+        if self.flag_out is not None:
+            self.flag_out.send(last)
+        if self.flag_in is not None:
+            last = last or self.flag_in.recv()
+        return last
+
+    def receive_relay(self) -> Tuple[torch.Tensor, bool]:
+        x = self.relay_in.recv()
+        return x, self.relay_in.stop
+
+    def send(self, x: torch.Tensor, pairs, last: bool) -> None:
+        if self.relay_out is not None:
+            self.relay_out.send(x, last)
+        for block, sender in self.feeds_out.items():
+            sender.send(_pack(*pairs[block]), last)
+
+    def receive_feeds(self, pairs) -> Tuple[Dict[int, Tuple[torch.Tensor, torch.Tensor]], bool]:
+        """(input, target) of every student block trained here, and whether a sender marked the step as last."""
+        inputs, stop = {}, False
+        for placement in self.routes.students:
+            block = placement.block
+            if block not in self.feeds_in:  # trained on this rank's own relay rows
+                inputs[block] = pairs[block]
+                continue
+            receiver, local, (p_lo, p_hi), _ = self.feeds_in[block]
+            packed = None
+            if receiver is not None:
+                packed = receiver.recv()
+                stop = stop or receiver.stop
+            if local:
+                mine, lo = _pack(*pairs[block]), self.routes.rows[0]
+                if packed is None:
+                    packed = torch.empty((p_hi - p_lo,) + mine.shape[1:], dtype=mine.dtype, device=mine.device)
+                for a, b in local:
+                    packed[a - p_lo:b - p_lo].copy_(mine[a - lo:b - lo])
+            inputs[block] = _unpack(packed, *self.shapes[block])
+        return inputs, stop
+
+    def flush(self) -> None:
+        for sender in [self.relay_out, self.flag_out, *self.feeds_out.values()]:
+            if sender is not None:
+                sender.flush()
+
+
+def _feed_tag(block: int) -> int:
+    return 4 + 2 * block  # relay rows and flag: tags 0 and 1, the leader's decision: 2
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _pack(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A teacher block's input and output rows side by side, one message per peer."""
+    return torch.cat([x.reshape(len(x), -1), y.reshape(len(y), -1)], dim=1)
+
+
+def _unpack(packed: torch.Tensor, shape_in, shape_out) -> Tuple[torch.Tensor, torch.Tensor]:
+    n, width = len(packed), _numel(shape_in)
+    return (packed[:, :width].reshape((n,) + tuple(shape_in)), packed[:, width:].reshape((n,) + tuple(shape_out)))
+

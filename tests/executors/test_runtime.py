@@ -1,0 +1,100 @@
+"""The one runtime on plans beyond Pipe-BD's stages: students placed apart from their teacher blocks, split links."""
+
+import os
+import signal
+
+import pytest
+
+from conftest import assert_same_blocks, tiny_config
+from nni_pipebd.executors.launch import train
+from nni_pipebd.plan.plan import Phase, Placement, Plan, Relay
+
+pytestmark = pytest.mark.timeout(240)
+
+APART = Plan([Phase((Relay(0, 3, (0,)), Relay(3, 5, (1,))),  # no batch is split: bitwise
+                    (Placement(0, (2,)), Placement(1, (1,)), Placement(2, (2,)), Placement(3, (0,)),
+                     Placement(4, (1,))))])
+SPLIT = Plan([Phase((Relay(0, 2, (0, 1)), Relay(2, 5, (2,))),  # a two-device first link that sends on
+                    (Placement(0, (2,)), Placement(1, (0, 1)), Placement(2, (0,)), Placement(3, (1,)),
+                     Placement(4, (0, 1))))])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "ref"
+    return out, train(tiny_config(distill={"epochs": 2}), out)
+
+
+def run_plan(tmp_path, plan, **execution):
+    path = plan.save(tmp_path / "plan.json")
+    config = tiny_config(tmp_path, distill={"epochs": 2},
+                         execution={"executor": "pipebd", "workers": plan.workers, "plan": str(path), **execution})
+    return tmp_path / "run", train(config, tmp_path / "run", trace=tmp_path / "trace.json")
+
+
+def test_students_apart_from_their_teacher_blocks_are_bitwise_reference(tmp_path, reference):
+    out, manifest = run_plan(tmp_path, APART)
+    assert_same_blocks(reference[0], out, 5, exact=True)
+    assert [b["losses"] for b in manifest["blocks"]] == [b["losses"] for b in reference[1]["blocks"]]
+    # the teacher still runs once per sample (counted by hooks on the teacher modules), data loaded once
+    assert manifest["counters"]["teacher_block_forwards_per_sample"] == 5
+    assert manifest["counters"]["samples_loaded_per_sample"] == 1
+    assert [r["label"] for r in manifest["ranks"]] == ["rank 0: teacher 0-2, students [3]",
+                                                       "rank 1: teacher 3-4, students [1, 4]",
+                                                       "rank 2: students [0, 2]"]
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_split_links_and_students_match_reference(tmp_path, reference, decoupled):
+    out, manifest = run_plan(tmp_path, SPLIT, decoupled=decoupled)
+    assert_same_blocks(reference[0], out, 5, exact=False, rtol=1e-4, atol=1e-5)
+    for a, b in zip(reference[1]["blocks"], manifest["blocks"]):
+        assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
+    assert manifest["counters"]["teacher_block_forwards_per_sample"] == 5
+    assert manifest["counters"]["samples_loaded_per_sample"] == 1
+
+
+def test_stop_reaches_every_rank_of_a_free_plan_and_resume_matches(tmp_path, reference):
+    """The leader's decision travels to its fellow loading rank (which sends on) and with every relay and feed."""
+    from test_stopping import checkpointed, cli, finish, start, stopped_steps, wait_for
+    import yaml
+
+    path = SPLIT.save(tmp_path / "plan.json")
+    config = tiny_config(tmp_path, distill={"epochs": 2},
+                         execution={"executor": "pipebd", "workers": 3, "plan": str(path), "checkpoint_every": 1})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    proc = start(cli("train", str(tmp_path / "job.yaml"), "--out", "run"), tmp_path)
+    try:
+        wait_for(checkpointed(tmp_path / "run", ["rank0", "rank1", "rank2"]), 120, "the first checkpoints")
+        os.kill(proc.pid, signal.SIGTERM)
+        returncode, _, output = finish(proc)
+    finally:
+        finish(proc)
+    assert returncode == 143, output[-3000:]
+    step = int(output.split("after step ")[1].split(";")[0])
+    assert step < 6 and stopped_steps(tmp_path / "run") == {"rank0": step, "rank1": step, "rank2": step}
+    train(config, tmp_path / "run", resume=True)
+    assert_same_blocks(reference[0], tmp_path / "run", 5, exact=False, rtol=1e-4, atol=1e-5)
+
+
+def test_decoupled_updates_remove_the_per_step_wait(tmp_path, monkeypatch):
+    """Ranks slow by turns (rank 0 on even steps, rank 1 on odd ones): with a barrier before every update each step
+    waits for the slower rank; decoupled, each rank runs at its own average pace (the trace shows where time went)."""
+    import json
+
+    from nni_pipebd.executors.faults import ENV
+
+    monkeypatch.setenv(ENV, "rank=0,step=0,kind=slow,seconds=0.25,every=2;rank=1,step=1,kind=slow,seconds=0.25,every=2")
+    blocked = {}
+    for decoupled in (False, True):
+        out = tmp_path / f"decoupled-{decoupled}"
+        config = tiny_config(tmp_path, distill={"epochs": 2, "max_steps_per_epoch": 4},
+                             execution={"executor": "pipebd", "workers": 2, "decoupled": decoupled})
+        train(config, out, trace=out / "trace.json")  # the workers inherit the fault from the environment
+        events = json.loads((out / "trace.json").read_text())["traceEvents"]
+        waits = [e for e in events if e.get("name") in ("wait", "recv", "send") and e.get("ph") == "X"]
+        blocked[decoupled] = sum(e["dur"] for e in waits) / 1e6
+        assert any(e.get("name") == "wait" for e in events) == (not decoupled)  # the barrier is gone
+    # 8 steps: with the barrier each rank waits out the other's 4 slow steps (about 2 x 4 x 0.25 s in all)
+    assert blocked[False] > 1.2, blocked
+    assert blocked[True] < blocked[False] / 2, blocked
