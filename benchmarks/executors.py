@@ -1,17 +1,20 @@
-"""Executors side by side on the same work: reference, dp, ls, Pipe-BD TR and TR+DPU, as ratios.
+"""Executors side by side on the same work: reference, dp, ls, Pipe-BD TR, TR+DPU, AHD and free placement, as ratios.
 
-    python benchmarks/executors.py [--workers 2] [--steps 30] [--json PATH] [--workload teacher-heavy ...]
+    python benchmarks/executors.py [--workers 2] [--steps 40] [--repeats 3] [--json PATH] [--doc docs/benchmarks.md]
+    python benchmarks/executors.py --render PATH.json --doc docs/benchmarks.md     # tables from a saved run
 
 Every run trains every block on the same samples (same seed, ``--steps`` steps of ``--batch`` samples), each
-worker pinned to one thread, one after another in this process tree. Reported per executor: samples per second
-(per block), speedup over dp, efficiency against the ideal (single-worker reference time / W), teacher block
-forwards and samples loaded per trained sample, peak RSS per worker and each rank's busy fraction.
-Each workload is profiled first (``nni_pipebd.plan.profiler``: every block at 1..8 devices per stage, links
-measured with real workers); the measured block costs are given to every executor
-(``execution.block_costs``), so pipebd stages and ls bins are balanced on measured time, and TR+DPU+AHD runs
-the solver's plan. From the same profile a simulator predicts W = 2, 4, 8 (AHD, pure pipeline, dp), and
-the W = 2 prediction is checked against the measured run. ``dp`` is DNA's recipe (per-device BatchNorm);
-``dp+syncBN`` is the same schedule with BatchNorm synchronised over the workers (the reference's math).
+worker pinned to one thread, one after another in this process tree; the executors are interleaved (repeat 1 of
+each, then repeat 2 of each, ...) so that a noisy moment of the machine does not favour one of them. Reported per
+executor, as the median of the repeats with their min-max: samples per second (per block), speedup over dp and
+efficiency against the ideal (the same repeat's single-worker reference time / W); also teacher block forwards
+(counted by hooks on the teacher modules) and samples loaded per trained sample, peak RSS per worker and each
+rank's busy fraction. Each workload is profiled first (``nni_pipebd.plan.profiler``: every block at 1..8 devices,
+links measured with real workers); the measured block costs are given to every executor (``execution.block_costs``),
+so pipebd stages and ls bins are balanced on measured time; TR+DPU+AHD runs the stage solver's plan and
+TR+DPU+place the free-placement planner's. From the same profile the planners predict W = 2, 4, 8, and the W = 2
+predictions are checked against the measured runs. ``dp`` is DNA's recipe (per-device BatchNorm); ``dp+syncBN`` is
+the same schedule with BatchNorm synchronised over the workers (the reference's math).
 """
 
 from __future__ import annotations
@@ -19,15 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import sys
 import tempfile
 from pathlib import Path
-
-import torch
+from typing import Dict, List
 
 from nni_pipebd.config import Config
-from nni_pipebd.executors.launch import train
 from nni_pipebd.executors.autoplan import get_profile
+from nni_pipebd.executors.launch import train
+from nni_pipebd.plan.placement import place
 from nni_pipebd.plan.solver import dp_memory, dp_step_time, ideal_step_time, solve
 
 WORKLOADS = {
@@ -38,7 +42,7 @@ WORKLOADS = {
                               "layers": [1, 1, 1, 1, 1]}},
         "data": {"name": "synthetic", "image_size": 64, "batch_size": 32, "num_samples": 2048},
     },
-    # one block >= 3x the others (a deep first student block): pure pipelines idle, AHD must help
+    # one block >= 3x the others (a deep first student block): pure pipelines idle
     "imbalanced": {
         "model": {"teacher": {"arch": "resnet18", "num_classes": 100, "pretrained": False},
                   "student": {"kind": "dna", "kernels": [3, 5], "expansions": [1, 2], "width_mult": 0.5,
@@ -54,16 +58,18 @@ WORKLOADS = {
     },
 }
 
-EXECUTORS = [  # (label, executor, extra execution settings)
+EXECUTORS = [  # (label, executor, extra execution settings; "plan" names one of the plans made from the profile)
     ("reference", "reference", {}),
     ("dp", "dp", {"sync_bn": False}),            # DNA's code: per-device BatchNorm (the speed baseline)
     ("dp+syncBN", "dp", {"sync_bn": True}),      # same math as the reference (our default)
     ("ls", "ls", {}),
-    ("TR", "pipebd", {"decoupled": False}),
-    ("TR+DPU", "pipebd", {"decoupled": True}),
-    ("TR+DPU+AHD", "pipebd", {"decoupled": True, "plan": "PLAN"}),
+    ("TR", "pipebd", {"decoupled": False, "plan": "pipeline"}),
+    ("TR+DPU", "pipebd", {"decoupled": True, "plan": "pipeline"}),
+    ("TR+DPU+AHD", "pipebd", {"decoupled": True, "plan": "ahd"}),
+    ("TR+DPU+place", "pipebd", {"decoupled": True, "plan": "place"}),
 ]
 SIMULATED = (2, 4, 8)
+BEGIN, END = "<!-- executors.py tables: begin -->", "<!-- executors.py tables: end -->"
 
 
 def workload_config(name: str, steps: int, batch: int) -> Config:
@@ -74,55 +80,65 @@ def workload_config(name: str, steps: int, batch: int) -> Config:
     return Config.from_dict(raw)
 
 
-def run_workload(name: str, workers: int, steps: int, batch: int, scratch: Path) -> dict:
+def spread(values: List[float]) -> Dict[str, float]:
+    """Median with min and max of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": list(values)}
+
+
+def plans_for(profile, workers: int) -> dict:
+    """The plans the pipebd variants run, made from the measured profile."""
+    return {"pipeline": solve(profile, workers, max_devices_per_stage=1), "ahd": solve(profile, workers),
+            "place": place(profile, workers)}
+
+
+def run_workload(name: str, workers: int, steps: int, batch: int, repeats: int, scratch: Path) -> dict:
     config = workload_config(name, steps, batch)
     profile = get_profile(config, max(SIMULATED + (workers,)), scratch / f"{name}.profile.json")
     teacher_s = [b.teacher_s[1] for b in profile.blocks]
     student_s = [b.student_s[1] for b in profile.blocks]
     costs = [[t, s] for t, s in zip(teacher_s, student_s)]  # measured: balances pipebd stages and ls bins
-    pipeline = solve(profile, workers, max_devices_per_stage=1)
-    ahd = solve(profile, workers)
-    ahd_path = ahd.save(scratch / f"{name}.plan.json")
+    plans = plans_for(profile, workers)
+    paths = {key: str(plan.save(scratch / f"{name}.{key}.plan.json")) for key, plan in plans.items()}
     result = {
-        "workload": name, "workers": workers, "steps": steps, "batch_size": batch,
+        "workload": name, "workers": workers, "steps": steps, "batch_size": batch, "repeats": repeats,
         "teacher_to_student_cost": sum(teacher_s) / sum(student_s),
         "block_teacher_ms": [round(1e3 * t, 2) for t in teacher_s],
         "block_student_ms": [round(1e3 * s, 2) for s in student_s],
-        "pipebd_boundaries": pipeline.boundaries,
-        "ahd_plan": ahd.to_dict(),
+        "plans": {key: plan.to_dict() for key, plan in plans.items()},
         "simulated": simulate(profile),
-        "executors": {},
+        "executors": {label: {"train_time_s": []} for label, _, _ in EXECUTORS},
     }
-    for label, executor, extra in EXECUTORS:
-        w = 1 if executor == "reference" else workers
-        execution = {"executor": executor, "workers": w, "block_costs": costs, **extra}
-        if execution.get("plan") == "PLAN":
-            execution["plan"] = str(ahd_path)
-        elif executor == "pipebd":
-            execution["boundaries"] = pipeline.boundaries
-        run_config = config.replace(execution=execution)
-        out = scratch / f"{name}-{label}"
-        manifest = train(run_config, out, trace=scratch / f"{name}-{label}.trace.json")
-        counters = manifest["counters"]
-        result["executors"][label] = {
-            "workers": w,
-            "train_time_s": manifest["train_time_s"],
-            "samples_per_s": counters["samples_per_block"] / manifest["train_time_s"],
-            "teacher_block_forwards_per_sample": counters["teacher_block_forwards_per_sample"],
-            "samples_loaded_per_sample": counters["samples_loaded_per_sample"],
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in manifest["ranks"]),
-            "stage_busy_fraction": [round(r["busy_fraction"], 3) for r in manifest["ranks"]],
-        }
-        logging.info("%s %s: %.2f s", name, label, manifest["train_time_s"])
-    ref_time = result["executors"]["reference"]["train_time_s"]
-    dp_time = result["executors"]["dp"]["train_time_s"]
+    for repeat in range(repeats):
+        for label, executor, extra in EXECUTORS:
+            w = 1 if executor == "reference" else workers
+            execution = {"executor": executor, "workers": w, "block_costs": costs, **extra}
+            if "plan" in execution:
+                execution["plan"] = paths[execution["plan"]]
+            out = scratch / f"{name}-{label}-{repeat}"
+            manifest = train(config.replace(execution=execution), out, trace=scratch / f"{name}-{label}.trace.json")
+            counters, entry = manifest["counters"], result["executors"][label]
+            entry["workers"] = w
+            entry["train_time_s"].append(manifest["train_time_s"])
+            entry["samples_per_block"] = counters["samples_per_block"]
+            entry["teacher_block_forwards_per_sample"] = counters["teacher_block_forwards_per_sample"]
+            entry["samples_loaded_per_sample"] = counters["samples_loaded_per_sample"]
+            entry.setdefault("peak_rss_mb", []).append(max(r["peak_rss_mb"] for r in manifest["ranks"]))
+            entry.setdefault("busy_fraction", []).append([round(r["busy_fraction"], 3) for r in manifest["ranks"]])
+            logging.info("%s %s repeat %d: %.2f s", name, label, repeat + 1, manifest["train_time_s"])
+    reference = result["executors"]["reference"]["train_time_s"]
+    dp = result["executors"]["dp"]["train_time_s"]
     for entry in result["executors"].values():
-        entry["speedup_vs_dp"] = dp_time / entry["train_time_s"]
-        entry["efficiency_vs_ideal"] = (ref_time / workers) / entry["train_time_s"]
-    measured = result["executors"]["TR+DPU+AHD"]["train_time_s"] / steps
-    predicted = ahd.predicted["step_s"]
-    result["ahd_prediction"] = {"workers": workers, "predicted_step_s": predicted, "measured_step_s": measured,
-                                "error": (predicted - measured) / measured}
+        times = entry["train_time_s"]
+        entry["samples_per_s"] = spread([entry["samples_per_block"] / t for t in times])
+        entry["speedup_vs_dp"] = spread([d / t for d, t in zip(dp, times)])
+        entry["efficiency_vs_ideal"] = spread([(r / workers) / t for r, t in zip(reference, times)])
+        entry["time"] = spread(times)
+    result["prediction"] = {}
+    for key, label in (("ahd", "TR+DPU+AHD"), ("place", "TR+DPU+place")):
+        measured = result["executors"][label]["time"]["median"] / steps
+        predicted = plans[key].predicted["step_s"]
+        result["prediction"][label] = {"predicted_step_s": predicted, "measured_step_s": measured,
+                                       "error": (predicted - measured) / measured}
     return result
 
 
@@ -133,75 +149,129 @@ def simulate(profile) -> dict:
         dp = dp_step_time(profile, w)
         ideal = ideal_step_time(profile, w)
         entry = {"dp_step_s": dp, "ideal_step_s": ideal, "dp_memory_mb": dp_memory(profile, w)}
-        for label, kwargs in (("TR+DPU", {"max_devices_per_stage": 1}), ("TR+DPU+AHD", {}),
-                              ("TR+DPU+AHD mem<=dp+10%", {"memory_limit_mb": 1.1 * entry["dp_memory_mb"]})):
+        limit = 1.05 * entry["dp_memory_mb"]
+        for label, make in (("TR+DPU", lambda: solve(profile, w, max_devices_per_stage=1)),
+                            ("TR+DPU+AHD", lambda: solve(profile, w)),
+                            ("TR+DPU+place", lambda: place(profile, w)),
+                            ("TR+DPU+place mem<=dp+5%", lambda: place(profile, w, memory_limit_mb=limit))):
             try:
-                plan = solve(profile, w, **kwargs)
-            except ValueError as err:  # e.g. fewer blocks than workers for a pure pipeline
+                plan = make()
+            except ValueError as err:  # e.g. fewer blocks than workers for a pure pipeline, or no plan fits
                 entry[label] = {"infeasible": str(err).split(";")[0]}
                 continue
             step = plan.predicted["step_s"]
+            memory = plan.predicted.get("stage_mb") or plan.predicted.get("rank_mb")
             entry[label] = {"step_s": step, "speedup_vs_dp": dp / step, "efficiency_vs_ideal": ideal / step,
-                            "peak_mb": max(plan.predicted["stage_mb"]),
-                            "stages": [[s.start, s.stop, s.devices] for s in plan.stages]}
+                            "peak_mb": max(memory), "plan": describe(plan)}
         out[w] = entry
     return out
 
 
+def describe(plan) -> str:
+    """A plan in one line: stages, or where every teacher link and student block runs."""
+    if plan.is_pipeline:
+        return " | ".join(f"b{s.start}-{s.stop - 1} x{s.devices}" for s in plan.stages)
+    phase = plan.phases[0]
+    links = ", ".join(f"T{r.start}-{r.stop - 1}@{','.join(map(str, r.ranks))}" for r in phase.relays)
+    students = ", ".join(f"S{p.block}@{','.join(map(str, p.ranks))}" for p in sorted(phase.students,
+                                                                                       key=lambda p: p.block))
+    return f"{links}; {students}"
+
+
+def _cell(s: Dict[str, float], digits: int = 2) -> str:
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+
 def table(result: dict) -> str:
+    """One workload's figures as Markdown."""
     lines = [f"### {result['workload']} (W = {result['workers']}, teacher/student cost "
-             f"{result['teacher_to_student_cost']:.2f}, pipebd stages start at {result['pipebd_boundaries']})",
+             f"{result['teacher_to_student_cost']:.2f}, median [min-max] of {result['repeats']} interleaved repeats)",
              "",
              "| executor | samples/s | speedup vs dp | efficiency vs ideal | teacher fwd/sample | loads/sample "
-             "| peak RSS MB | busy fraction per rank |",
+             "| peak RSS MB | busy fraction per rank (median run) |",
              "|---|---|---|---|---|---|---|---|"]
     for label, e in result["executors"].items():
-        lines.append(f"| {label} | {e['samples_per_s']:.1f} | {e['speedup_vs_dp']:.2f} | "
-                     f"{e['efficiency_vs_ideal']:.2f} | {e['teacher_block_forwards_per_sample']:.0f} | "
-                     f"{e['samples_loaded_per_sample']:.0f} | {e['peak_rss_mb']:.0f} | "
-                     f"{', '.join(f'{b:.2f}' for b in e['stage_busy_fraction'])} |")
+        middle = sorted(range(len(e["train_time_s"])), key=lambda i: e["train_time_s"][i])[len(e["train_time_s"]) // 2]
+        lines.append(f"| {label} | {_cell(e['samples_per_s'], 1)} | {_cell(e['speedup_vs_dp'])} | "
+                     f"{_cell(e['efficiency_vs_ideal'])} | {e['teacher_block_forwards_per_sample']:.0f} | "
+                     f"{e['samples_loaded_per_sample']:.0f} | {max(e['peak_rss_mb']):.0f} | "
+                     f"{', '.join(f'{b:.2f}' for b in e['busy_fraction'][middle])} |")
     lines += ["", "per-block ms (teacher fwd / student fwd+bwd+step, batch "
               f"{result['batch_size']}, 1 thread): " + ", ".join(
-                  f"{t}/{s}" for t, s in zip(result["block_teacher_ms"], result["block_student_ms"])),
-              "", f"AHD plan at W = {result['workers']}: "
-              + ", ".join(f"blocks {s['start']}-{s['stop'] - 1} on {s['devices']}" for s in result["ahd_plan"]["stages"])
-              + f"; predicted step {1e3 * result['ahd_prediction']['predicted_step_s']:.1f} ms, measured "
-              f"{1e3 * result['ahd_prediction']['measured_step_s']:.1f} ms "
-              f"(error {100 * result['ahd_prediction']['error']:+.0f}%)",
-              "", "| simulated W | plan | step ms | speedup vs dp | efficiency vs ideal | peak MB (dp MB) | stages |",
+                  f"{t}/{s}" for t, s in zip(result["block_teacher_ms"], result["block_student_ms"])), ""]
+    from nni_pipebd.plan.plan import Plan
+
+    for key, label in (("pipeline", "TR / TR+DPU"), ("ahd", "TR+DPU+AHD"), ("place", "TR+DPU+place")):
+        lines.append(f"- {label} plan: {describe(Plan.from_dict(result['plans'][key]))}")
+    for label, p in result["prediction"].items():
+        lines.append(f"- {label}: predicted step {1e3 * p['predicted_step_s']:.1f} ms, measured (median) "
+                     f"{1e3 * p['measured_step_s']:.1f} ms (error {100 * p['error']:+.0f}%)")
+    lines += ["", "| simulated W | plan | step ms | speedup vs dp | efficiency vs ideal | peak MB (dp MB) | plan |",
               "|---|---|---|---|---|---|---|"]
     for w, entry in result["simulated"].items():
-        for label in ("TR+DPU", "TR+DPU+AHD", "TR+DPU+AHD mem<=dp+10%"):
-            e = entry[label]
+        for label, e in entry.items():
+            if not isinstance(e, dict):
+                continue
             if "infeasible" in e:
                 lines.append(f"| {w} | {label} | - | - | - | - | {e['infeasible']} |")
                 continue
             lines.append(f"| {w} | {label} | {1e3 * e['step_s']:.1f} | {e['speedup_vs_dp']:.2f} | "
                          f"{e['efficiency_vs_ideal']:.2f} | {e['peak_mb']:.0f} ({entry['dp_memory_mb']:.0f}) | "
-                         f"{e['stages']} |")
+                         f"{e['plan']} |")
     return "\n".join(lines)
+
+
+def render(run: dict) -> str:
+    """Every workload's tables, with the command that measured them."""
+    parts = [f"Generated by `python benchmarks/executors.py --render ... --doc ...` from the JSON of "
+             f"`python {run['command']}`.", ""]
+    for result in run["results"]:
+        parts += [table(result), ""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def write_doc(doc: Path, run: dict) -> None:
+    """Replace the generated part of ``doc`` (between the BEGIN and END markers) with :func:`render`."""
+    text = doc.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{doc} has no {BEGIN} ... {END} markers; add them where the tables go")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    doc.write_text(f"{head}{BEGIN}\n{render(run)}{END}{tail}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=30, help="steps per block")
+    parser.add_argument("--steps", type=int, default=40, help="steps per block")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS),
-                        help="repeatable; default: all")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median and min-max reported)")
+    parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS), help="repeatable; default: all")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--doc", help="write the tables into this Markdown file (between its markers)")
+    parser.add_argument("--render", metavar="JSON", help="do not measure: make the tables from this saved run")
     args = parser.parse_args(argv)
+    if args.render:
+        run = json.loads(Path(args.render).read_text())
+        if args.doc:
+            write_doc(Path(args.doc), run)
+        else:
+            print(render(run))
+        return 0
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("nni_pipebd").setLevel(logging.WARNING)
     results = []
     with tempfile.TemporaryDirectory(prefix="nni_pipebd_bench_") as scratch:
         for name in args.workload or list(WORKLOADS):
-            results.append(run_workload(name, args.workers, args.steps, args.batch, Path(scratch)))
+            results.append(run_workload(name, args.workers, args.steps, args.batch, args.repeats, Path(scratch)))
             print(table(results[-1]), flush=True)
             print(flush=True)
+    run = {"command": " ".join(["benchmarks/executors.py"] + sys.argv[1:]), "results": results}
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps(run, indent=2) + "\n")
+    if args.doc:
+        write_doc(Path(args.doc), run)
     return 0
 
 

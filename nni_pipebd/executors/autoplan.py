@@ -10,19 +10,17 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Tuple, Union
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ..config import Config
 from ..job import build_job
 from ..plan.plan import Plan
 from ..plan.profiler import LinkModel, Profile, load_or_none, profile_job, profile_key
 from ..plan.solver import solve
-from .launch import resolve_device
-from .stopping import die_with_parent, ignored_signals
+from .processes import join_group, resolve_device, run_processes
 
 __all__ = ["cache_path", "get_profile", "auto_plan", "measure_links"]
 
@@ -78,12 +76,8 @@ def measure_links(config: Config, workers: int) -> Tuple[LinkModel, Dict[int, Li
     count = max(count, 2)
     folder = tempfile.mkdtemp(prefix="nni_pipebd_links_")
     try:
-        with ignored_signals():  # Ctrl-C / SIGTERM reach this process, which ends; the workers die with it
-            context = mp.start_processes(_link_worker, args=(count, folder, device.type, config.execution.backend,
-                                                             config.execution.timeout_s, os.getpid()),
-                                         nprocs=count, join=False, start_method="spawn")
-        while not context.join(timeout=1.0, grace_period=3.0):
-            pass
+        run_processes(_link_worker, count, (folder, device.type, config.execution.backend, config.execution.timeout_s),
+                      folder)
         raw = json.loads((Path(folder) / "links.json").read_text())
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -115,17 +109,13 @@ def _median_time(fn, device: str, repeats: int = 7) -> float:
     return sorted(times[1:])[repeats // 2]
 
 
-def _link_worker(rank: int, world: int, folder: str, device_type: str, backend: str, timeout_s: float,
-                 parent: int) -> None:
-    die_with_parent(parent)
+def _link_worker(rank: int, world: int, folder: str, device_type: str, backend: str, timeout_s: float) -> None:
     torch.set_num_threads(1)
-    if backend == "auto":
-        backend = "nccl" if device_type == "cuda" else "gloo"
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     if device_type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"file://{os.path.join(folder, 'store')}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    join_group(rank, world, device, backend, f"file://{os.path.join(folder, 'store')}",
+               datetime.timedelta(seconds=timeout_s))
     try:
         groups = {g: dist.new_group(list(range(g))) for g in range(2, world + 1)}
         results = {"p2p": [], "allreduce": {}}

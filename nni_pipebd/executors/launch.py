@@ -16,7 +16,6 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ..config import Config
 from ..job import build_job
@@ -26,16 +25,12 @@ from ..report.progress import ProgressBars, ProgressWriter
 from ..report.trace import Tracer, busy_fraction, write_chrome_trace
 from .base import WorkerContext, WorkerReport, get_executor, rss_mb
 from .checkpoint import CHECKPOINTS, CheckpointError
-from .stopping import (LeadSignals, RunStopped, StopControl, die_with_parent, forget_parent, ignored_signals,
-                       worker_signals)
+from .processes import WorkerError, join_group, resolve_device, run_processes
+from .stopping import LeadSignals, RunStopped, StopControl, die_with_parent, forget_parent, worker_signals
 
 __all__ = ["train", "WorkerError", "RunStopped", "under_torchrun"]
 
 _logger = logging.getLogger(__name__)
-
-
-class WorkerError(RuntimeError):
-    """A worker process failed; the message names its rank and cause."""
 
 
 def under_torchrun() -> bool:
@@ -189,40 +184,22 @@ def _spawn(world: int, config: Config, out_dir: Path, options: Dict[str, Any], p
     it dies (``PR_SET_PDEATHSIG``).
     """
     rendezvous = tempfile.mkdtemp(prefix="nni_pipebd_rdzv_")
-    options = {**options, "role_dir": rendezvous, "progress_dir": rendezvous, "lead_pid": os.getpid()}
-    context = None
+    options = {**options, "role_dir": rendezvous, "progress_dir": rendezvous, "spawned": True}
     try:
         with LeadSignals(rendezvous) as signals:
             init = f"file://{os.path.join(rendezvous, 'store')}"
-            with ignored_signals():  # the workers start ignoring them, until their own handlers are in place
-                context = mp.start_processes(_worker, args=(world, config, str(out_dir), init, options),
-                                             nprocs=world, join=False, start_method="spawn")
             try:
-                with ProgressBars(rendezvous, world, enabled=progress):
-                    while not context.join(timeout=1.0, grace_period=3.0):
-                        pass
-            except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
-                exit_codes = {rank: process.exitcode for rank, process in enumerate(context.processes)}
+                run_processes(_worker, world, (config, str(out_dir), init, options), rendezvous,
+                              ProgressBars(rendezvous, world, enabled=progress))
+            except WorkerError as err:
                 if signals.requested and any(Path(rendezvous, f"rank{r}.stopped").is_file() for r in range(world)):
                     raise RunStopped(signals.signum) from None  # ls: ranks stop independently, none resumable
-                raise WorkerError(_diagnose(rendezvous, world, exit_codes, err)
-                                  + f"; the other workers were stopped{_resume_hint(config, out_dir)}") from None
+                raise WorkerError(f"{err}; the other workers were stopped{_resume_hint(config, out_dir)}") from None
             stopped = _stopped(rendezvous, world)
             if stopped is not None:
                 raise stopped
     finally:
-        if context is not None:
-            _kill(context.processes)
         shutil.rmtree(rendezvous, ignore_errors=True)
-
-
-def _kill(processes) -> None:
-    """SIGKILL the workers still running and reap them (a forced stop, or this process is leaving)."""
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-    for process in processes:
-        process.join(timeout=10)
 
 
 def _stopped(rendezvous: str, world: int) -> Optional[RunStopped]:
@@ -243,59 +220,10 @@ def _stopped(rendezvous: str, world: int) -> Optional[RunStopped]:
     return RunStopped(signum, step)
 
 
-_PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "a peer may have failed",
-                 "Broken pipe", "Socket closed")
-
-
-def _diagnose(rendezvous: str, world: int, exit_codes: Dict[int, Optional[int]], err: Exception) -> str:
-    """Name the rank that failed first: its own error, else a rank that died without one, else the earliest."""
-    errors = {}
-    for rank in range(world):
-        path = Path(rendezvous, f"rank{rank}.error")
-        if path.is_file():
-            stamp, _, cause = path.read_text().partition(" ")
-            errors[rank] = (float(stamp), cause)
-    own = sorted((t, r) for r, (t, cause) in errors.items() if not any(p in cause for p in _PEER_FAILURE))
-    died = [r for r, code in exit_codes.items() if r not in errors and code not in (0, None, -15)]
-    if own:
-        rank = own[0][1]
-        return f"worker rank {rank} of {world} ({_role(rendezvous, rank)}) failed: {errors[rank][1]}"
-    if died:
-        rank, code = died[0], exit_codes[died[0]]
-        how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        return (f"worker rank {rank} of {world} ({_role(rendezvous, rank)}) died ({how}) — killed, out of memory "
-                "or crashed")
-    if errors:
-        rank = min(errors, key=lambda r: errors[r][0])
-        return f"worker rank {rank} of {world} ({_role(rendezvous, rank)}) failed: {errors[rank][1]}"
-    return f"worker rank {getattr(err, 'error_index', '?')} of {world} failed: {err}"
-
-
-def _role(rendezvous: str, rank: int) -> str:
-    path = Path(rendezvous, f"rank{rank}.role")
-    return path.read_text() if path.is_file() else "before it took its role"
-
-
 def _resume_hint(config: Config, out_dir: Path) -> str:
     if config.execution.checkpoint_every:
         return f"; continue from the last checkpoint with `nni-pipebd train CONFIG --resume {out_dir}`"
     return ""
-
-
-def resolve_device(config: Config, local_rank: int = 0) -> torch.device:
-    """The device of the worker with ``local_rank`` (``execution.device``; ``auto``: CUDA when present)."""
-    kind = config.execution.device
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("execution.device = 'cuda' but CUDA is not available; use device: cpu or auto")
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} visible; "
-                               "start at most one worker per GPU")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Optional[str],
@@ -305,8 +233,7 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
     trace = options.get("trace")
     stop = StopControl(folder=options.get("role_dir"), lead=options.get("lead_signals"))
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    if "lead_pid" in options:  # spawned: a process of its own, it dies with the lead and leaves Ctrl-C to it
-        die_with_parent(options["lead_pid"])
+    if options.get("spawned"):  # a process of its own (dying with the lead): it leaves Ctrl-C to the lead
         worker_signals(stop, ignore_sigint=True)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = resolve_device(config, local_rank)
@@ -317,22 +244,9 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
         torch.set_num_threads(threads)
     group = None
     if init_method is not None:
-        backend = config.execution.backend
-        if backend == "auto":
-            backend = "nccl" if device.type == "cuda" else "gloo"
-        try:
-            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
-        except (RuntimeError, ValueError) as err:
-            where = (f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}" if init_method == "env://"
-                     else init_method)
-            hint = ("the port is in use: pick a free MASTER_PORT (torchrun --master-port) or stop the process "
-                    "holding it" if "in use" in str(err).lower() else
-                    "check that every worker can reach it and started with the same WORLD_SIZE")
-            raise RuntimeError(f"rank {rank} of {world} could not join the process group at {where} "
-                               f"({type(err).__name__}: {str(err).splitlines()[0]}); {hint}") from err
-        group = dist.group.WORLD
+        group = join_group(rank, world, device, config.execution.backend, init_method, timeout)
         stop.store = _default_store()
-        if "lead_pid" not in options:  # torchrun: it forwards SIGINT / SIGTERM to every worker, rank 0 decides
+        if not options.get("spawned"):  # torchrun: it forwards SIGINT / SIGTERM to every worker, rank 0 decides
             die_with_parent()
             worker_signals(stop, ignore_sigint=False)
     try:
@@ -370,17 +284,11 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
                 write_chrome_trace(trace, {r.rank: r.spans for r in reports}, {r.rank: r.label for r in reports})
             _write_library(out_dir, config, world, job.num_blocks, reports, time.perf_counter() - start, job)
             shutil.rmtree(Path(out_dir) / CHECKPOINTS, ignore_errors=True)  # the library is complete
-    except RunStopped:
-        raise
-    except BaseException as err:
-        if options.get("role_dir") is not None:  # the launcher names the rank that failed first, and why
-            Path(options["role_dir"], f"rank{rank}.error").write_text(f"{time.time()} {type(err).__name__}: {err}")
-        raise
     finally:
         if group is not None:
             dist.destroy_process_group()
         torch.set_num_threads(previous_threads)
-        if init_method is not None and "lead_pid" not in options:  # torchrun: the caller's process lives on
+        if init_method is not None and not options.get("spawned"):  # torchrun: the caller's process lives on
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             forget_parent()

@@ -1,0 +1,137 @@
+"""Worker processes: a rank's device and process group, and local spawning that names the rank that failed first."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ..config import Config
+from .stopping import RunStopped, die_with_parent, ignored_signals
+
+__all__ = ["WorkerError", "resolve_device", "join_group", "run_processes"]
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed; the message names its rank and cause."""
+
+
+def resolve_device(config: Config, local_rank: int = 0) -> torch.device:
+    """The device of the worker with ``local_rank`` (``execution.device``; ``auto``: CUDA when present)."""
+    kind = config.execution.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("execution.device = 'cuda' but CUDA is not available; use device: cpu or auto")
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} visible; "
+                               "start at most one worker per GPU")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def join_group(rank: int, world: int, device: torch.device, backend: str, init_method: str,
+               timeout: datetime.timedelta):
+    """Join the default process group (``backend`` ``auto``: NCCL on CUDA, else gloo); a failure says where and why."""
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
+    except (RuntimeError, ValueError) as err:
+        where = (f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}" if init_method == "env://"
+                 else init_method)
+        hint = ("the port is in use: pick a free MASTER_PORT (torchrun --master-port) or stop the process "
+                "holding it" if "in use" in str(err).lower() else
+                "check that every worker can reach it and started with the same WORLD_SIZE")
+        raise RuntimeError(f"rank {rank} of {world} could not join the process group at {where} "
+                           f"({type(err).__name__}: {str(err).splitlines()[0]}); {hint}") from err
+    return dist.group.WORLD
+
+
+def run_processes(fn: Callable[..., None], world: int, args: Sequence[Any], folder: str,
+                  watching: Optional[ContextManager] = None) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes and wait for all of them.
+
+    The processes die with this one (``PR_SET_PDEATHSIG``) and start with SIGINT / SIGTERM ignored (they install
+    their own handlers). ``folder`` is the run's rendezvous folder: a rank that fails writes ``rank<r>.error`` there
+    (and may announce its role in ``rank<r>.role``), so that the :class:`WorkerError` raised here names the rank
+    that failed first and why; the other processes are then killed. ``watching`` is entered while waiting (e.g.
+    progress bars).
+    """
+    context = None
+    try:
+        with ignored_signals():  # the workers start ignoring them, until their own handlers are in place
+            context = mp.start_processes(_entry, args=(fn, world, folder, os.getpid(), tuple(args)), nprocs=world,
+                                         join=False, start_method="spawn")
+        try:
+            with watching or nullcontext():
+                while not context.join(timeout=1.0, grace_period=3.0):
+                    pass
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+            exit_codes = {rank: process.exitcode for rank, process in enumerate(context.processes)}
+            raise WorkerError(_diagnose(folder, world, exit_codes, err)) from None
+    finally:
+        if context is not None:
+            _kill(context.processes)
+
+
+def _entry(rank: int, fn: Callable[..., None], world: int, folder: str, lead_pid: int, args: tuple) -> None:
+    die_with_parent(lead_pid)
+    try:
+        fn(rank, world, *args)
+    except RunStopped:
+        raise
+    except BaseException as err:  # the launcher names the rank that failed first, and why
+        Path(folder, f"rank{rank}.error").write_text(f"{time.time()} {type(err).__name__}: {err}")
+        raise
+
+
+def _kill(processes) -> None:
+    """SIGKILL the workers still running and reap them (a forced stop, or this process is leaving)."""
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    for process in processes:
+        process.join(timeout=10)
+
+
+_PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "a peer may have failed",
+                 "Broken pipe", "Socket closed")
+
+
+def _diagnose(rendezvous: str, world: int, exit_codes: Dict[int, Optional[int]], err: Exception) -> str:
+    """Name the rank that failed first: its own error, else a rank that died without one, else the earliest."""
+    errors = {}
+    for rank in range(world):
+        path = Path(rendezvous, f"rank{rank}.error")
+        if path.is_file():
+            stamp, _, cause = path.read_text().partition(" ")
+            errors[rank] = (float(stamp), cause)
+    own = sorted((t, r) for r, (t, cause) in errors.items() if not any(p in cause for p in _PEER_FAILURE))
+    died = [r for r, code in exit_codes.items() if r not in errors and code not in (0, None, -15)]
+    if own:
+        rank = own[0][1]
+        return f"worker rank {rank} of {world} ({_role(rendezvous, rank)}) failed: {errors[rank][1]}"
+    if died:
+        rank, code = died[0], exit_codes[died[0]]
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        return (f"worker rank {rank} of {world} ({_role(rendezvous, rank)}) died ({how}) — killed, out of memory "
+                "or crashed")
+    if errors:
+        rank = min(errors, key=lambda r: errors[r][0])
+        return f"worker rank {rank} of {world} ({_role(rendezvous, rank)}) failed: {errors[rank][1]}"
+    return f"worker rank {getattr(err, 'error_index', '?')} of {world} failed: {err}"
+
+
+def _role(rendezvous: str, rank: int) -> str:
+    path = Path(rendezvous, f"rank{rank}.role")
+    return path.read_text() if path.is_file() else "before it took its role"
