@@ -234,6 +234,14 @@ class DistillConfig:
         A NaN/Inf block loss ``stop``\ s the run (naming block and step) or ``skip``\ s that batch's update.
     seed : int
         Seeds student initialisation, path sampling and data order.
+    until : str
+        ``epochs``: every block trains ``epochs`` epochs. ``plateau``: each block stops on its own once its epoch
+        loss has not improved on its best by more than ``min_improvement`` (relative) for ``patience`` epochs in
+        a row, ``epochs`` being the cap; the library records why and when every block stopped.
+    patience : int
+        Epochs without improvement before a block stops (``until: plateau``).
+    min_improvement : float
+        Relative loss decrease that counts as an improvement (``until: plateau``; 0.01 = 1%).
     """
 
     loss: str = "mse"
@@ -247,6 +255,9 @@ class DistillConfig:
     paths_per_step: int = 1
     on_nonfinite: str = "stop"
     seed: int = 0
+    until: str = "epochs"
+    patience: int = 3
+    min_improvement: float = 0.01
 
 
 @dataclass
@@ -407,13 +418,14 @@ _CHOICES = {
     "distill.optimizer": ("sgd", "adam"),
     "distill.schedule": ("cosine", "constant"),
     "distill.on_nonfinite": ("stop", "skip"),
+    "distill.until": ("epochs", "plateau"),
     "execution.backend": ("auto", "gloo", "nccl"),
     "execution.device": ("auto", "cpu", "cuda"),
 }
 _DATA_NAMES = ("digits", "synthetic", "cifar10", "imagefolder")
 _POSITIVE = (
     "model.teacher.num_classes", "data.image_size", "data.channels", "data.batch_size",
-    "data.num_samples", "distill.epochs", "distill.paths_per_step", "execution.workers",
+    "data.num_samples", "distill.epochs", "distill.paths_per_step", "distill.patience", "execution.workers",
     "execution.timeout_s", "distill.lr", "model.student.width_mult", "execution.queue_depth",
 )
 
@@ -463,6 +475,9 @@ def validate(config: Config) -> None:
                           f"{config.execution.boundaries!r} both set; a plan fixes the stages, give one of them")
     if config.execution.memory_limit_mb is not None and config.execution.memory_limit_mb <= 0:
         raise ConfigError(f"execution.memory_limit_mb = {config.execution.memory_limit_mb} must be > 0")
+    if not 0 <= config.distill.min_improvement < 1:
+        raise ConfigError(f"distill.min_improvement = {config.distill.min_improvement!r} must be in [0, 1) (a relative "
+                          "loss decrease, e.g. 0.01)")
     if config.data.num_workers < 0:
         raise ConfigError(f"data.num_workers = {config.data.num_workers} must be >= 0")
     student = config.model.student

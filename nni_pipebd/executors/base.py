@@ -61,18 +61,21 @@ class WorkerContext:
 
 @dataclass
 class BlockReport:
-    """What one worker learned about one block it trained: mean loss per epoch and steps taken."""
+    """What one worker learned about one block it trained: mean loss per epoch, steps taken, and why it stopped
+    (``{"reason": "epochs" | "plateau", "epoch": e, "steps": n}``; ``None`` while it trains)."""
 
     losses: List[float] = field(default_factory=list)
     steps: int = 0
     _epoch: List[float] = field(default_factory=list, repr=False)
+    stopped: Optional[Dict[str, Any]] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"losses": list(self.losses), "steps": self.steps, "_epoch": list(self._epoch)}
+        return {"losses": list(self.losses), "steps": self.steps, "_epoch": list(self._epoch),
+                "stopped": self.stopped}
 
     @classmethod
     def from_dict(cls, raw: Dict[str, Any]) -> "BlockReport":
-        return cls(list(raw["losses"]), int(raw["steps"]), list(raw["_epoch"]))
+        return cls(list(raw["losses"]), int(raw["steps"]), list(raw["_epoch"]), raw.get("stopped"))
 
     def add(self, loss: float) -> None:
         """Record the loss of one step."""
@@ -84,6 +87,11 @@ class BlockReport:
         if self._epoch:
             self.losses.append(sum(self._epoch) / len(self._epoch))
             self._epoch = []
+
+    def stop(self, reason: str) -> None:
+        """Mark the block finished (``epochs``: all of them; ``plateau``: converged) after its epochs so far."""
+        if self.stopped is None:
+            self.stopped = {"reason": reason, "epoch": len(self.losses), "steps": self.steps}
 
 
 @dataclass
@@ -145,11 +153,11 @@ def rss_mb(field_name: str = "VmRSS") -> float:
     return 0.0
 
 
-def stage_state(trainers, report: WorkerReport) -> dict:
-    """What a stage checkpoints: its trainers, its block reports and its counters."""
+def stage_state(trainers, report: WorkerReport, converged=()) -> dict:
+    """What a stage checkpoints: its trainers, its block reports, its counters and the blocks known converged."""
     return {"trainers": {t.index: t.full_state() for t in trainers},
             "reports": {i: r.to_dict() for i, r in report.blocks.items()},
-            "counters": dict(report.counters)}
+            "counters": dict(report.counters), "converged": sorted(converged)}
 
 
 _REGISTRY: Dict[str, Type[Executor]] = {}

@@ -323,7 +323,7 @@ def _write_library(out_dir: str, config: Config, world: int, num_blocks: int, re
         "base_dir": str(Path(config.base_dir).resolve()),
         "blocks": [
             {"index": i, "file": block_path(".", i).name, "choices": getattr(job.spec.student[i], "choices", {}),
-             "losses": blocks[i].losses, "steps": blocks[i].steps}
+             "losses": blocks[i].losses, "steps": blocks[i].steps, "stopped": blocks[i].stopped}
             for i in range(num_blocks)
         ],
         "counters": {**counters, "samples_per_block": samples,

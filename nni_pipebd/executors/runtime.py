@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from ..distill.convergence import plateaued
 from ..distill.trainer import BlockTrainer
 from ..job import Job
 from ..plan.plan import Phase, Placement, Plan, RankRoutes
@@ -110,46 +111,59 @@ class _Run:
         self.checkpoints, self.total = checkpoints, total
         self.batch = job.config.data.batch_size
         self.steps = job.order.steps_per_epoch
+        self.converged: set = set()
 
     def phase(self, phase: Phase, first: int, base: int, state: Optional[dict]) -> Dict[int, BlockTrainer]:
         """Run ``phase`` from its step ``first``; ``base``: this rank's steps before the phase. Returns the
-        trainers of the blocks trained here."""
+        trainers of the blocks trained here.
+
+        With ``distill.until: plateau`` the phase shrinks at every epoch end to the blocks that have not converged
+        (and the relay links they need): a rank left without work idles through the steps (it still follows the
+        leader's stop decisions), and the phase ends when every block has converged.
+        """
         ctx, job, tracer = self.ctx, self.job, self.ctx.tracer
-        execution, device, spec = job.config.execution, ctx.device, job.spec
-        routes = self.plan.routes(phase, ctx.rank, self.batch)
-        relay = phase.relays[routes.relay] if routes.relay is not None else None
-        teacher = [spec.teacher[i].to(device) for i in relay.blocks] if relay is not None else []
+        execution, device, spec, distill = job.config.execution, ctx.device, job.spec, job.config.distill
+        own = self.plan.routes(phase, ctx.rank, self.batch)
+        teacher = {}
+        if own.relay is not None:
+            teacher = {i: spec.teacher[i].to(device) for i in phase.relays[own.relay].blocks}
         trainers: Dict[int, BlockTrainer] = {}
         scales: Dict[int, float] = {}
-        for placement in routes.students:
+        for placement in own.students:
             student = spec.student[placement.block].to(device)
             group = self.groups.get(tuple(sorted(placement.ranks)))
             if group is not None and execution.sync_bn:
                 student = convert_sync_batchnorm(student, group, device.type)
-            trainers[placement.block] = BlockTrainer(placement.block, student, job.config.distill,
-                                                     job.steps_per_block)
+            trainers[placement.block] = BlockTrainer(placement.block, student, distill, job.steps_per_block)
             lo, hi = placement.rows(self.batch, ctx.rank)
             scales[placement.block] = (hi - lo) / self.batch if group is not None else 1.0
             self.report.blocks.setdefault(placement.block, BlockReport())
+        self.converged = set(state.get("converged", [])) if state is not None else set()
         if state is not None:
             for block, trainer in trainers.items():
                 trainer.load_full_state(state["trainers"][block])
-        left = job.config.distill.epochs * self.steps - first
-        links = _Links(ctx, job, phase, routes, left, relay)
+        plateau = distill.until == "plateau"
         barrier = None if execution.decoupled else self.groups.get(phase.ranks)
-        counted = [block.register_forward_hook(self._count) for block in teacher]
-        leader = ctx.rank == phase.leader
-        epochs = job.config.distill.epochs
+        counted = [block.register_forward_hook(self._count) for block in teacher.values()]
+        epochs, done, links = distill.epochs, first, None
         try:
-            done = first
             for epoch in range(first // self.steps, epochs):
+                active = self._active(phase)
+                if active is None:
+                    break  # every block of the phase has converged
                 skip = first % self.steps if epoch == first // self.steps else 0
+                routes = self._routes(phase, active)
+                if links is None or plateau:  # with plateau the links end with the epoch (the phase may shrink)
+                    span = self.steps - skip if plateau else epochs * self.steps - done
+                    relay = active.relays[routes.relay] if routes.relay is not None else None
+                    links = _Links(ctx, job, active, routes, span, relay)
+                training = {b: trainers[b] for b in sorted(trainers) if b not in self.converged}
+                placements = [p for p in routes.students if p.block in training]
                 source = None
                 if relay is not None and routes.relay == 0:
-                    j = relay.ranks.index(ctx.rank)
-                    source = iter(job.loader(epoch, j, len(relay.ranks), skip))
+                    source = iter(job.loader(epoch, relay.ranks.index(ctx.rank), len(relay.ranks), skip))
                 for _ in range(skip, self.steps):
-                    last = ctx.stop.poll(leader=leader)
+                    last = ctx.stop.poll(leader=ctx.rank == active.leader)
                     inject(ctx.rank, base + done)
                     last = links.exchange_flag(last)
                     pairs: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -163,8 +177,8 @@ class _Run:
                                 x, flag = links.receive_relay()
                             last = last or flag
                         with tracer.span("teacher"), torch.no_grad():
-                            for i, block in zip(relay.blocks, teacher):
-                                y = block(x)
+                            for i in relay.blocks:
+                                y = teacher[i](x)
                                 pairs[i] = (x, y)
                                 x = y
                         with tracer.span("send"):
@@ -174,49 +188,94 @@ class _Run:
                     last = last or flag
                     losses = {}
                     with tracer.span("student"):
-                        for block, trainer in trainers.items():
+                        for block, trainer in training.items():
                             losses[block] = trainer.forward_backward(*inputs[block], scales[block])
-                    for placement in routes.students:
+                    for placement in placements:
                         group = self.groups.get(tuple(sorted(placement.ranks)))
                         if group is not None:
                             with tracer.span("comm"):
                                 losses[placement.block], flag = allreduce_gradients(
-                                    trainers[placement.block].parameters_with_grad(), losses[placement.block],
+                                    training[placement.block].parameters_with_grad(), losses[placement.block],
                                     group, last)
                             last = last or flag
                     if barrier is not None:
                         with tracer.span("wait"):
                             dist.barrier(group=barrier)
                     with tracer.span("student"):
-                        for block, trainer in trainers.items():
+                        for block, trainer in training.items():
                             trainer.apply(losses[block])
                             self.report.blocks[block].add(float(losses[block]))
                     done += 1
-                    self._end_step(base + done, done, trainers, last, links)
-            links.flush()
+                    if plateau and done % self.steps == 0:
+                        links.flush()  # before the epoch's decision: the next epoch has links of its own
+                    self._end_step(phase, base + done, done, trainers, last, links)
+            if links is not None:
+                links.flush()
         finally:
             for handle in counted:
                 handle.remove()
+        for block in trainers:
+            self.report.blocks[block].stop("epochs")  # the blocks that did not converge before the cap
         return trainers
+
+    def _active(self, phase: Phase) -> Optional[Phase]:
+        """``phase`` without its converged blocks and the relay links after the last block still training."""
+        students = tuple(p for p in phase.students if p.block not in self.converged)
+        if not students:
+            return None
+        last = max(p.block for p in students)
+        return Phase(tuple(r for r in phase.relays if r.start <= last), students)
+
+    def _routes(self, phase: Phase, active: Phase) -> RankRoutes:
+        """This rank's routes in ``active``; ranks of ``phase`` left without work get the leader's stop decisions."""
+        routes = self.plan.routes(active, self.ctx.rank, self.batch)
+        idle = [r for r in phase.ranks if r not in active.ranks]
+        if self.ctx.rank == active.leader:
+            routes.flag_to = routes.flag_to + idle
+        elif self.ctx.rank in idle:
+            routes.flag_from = active.leader
+        return routes
+
+    def _decide(self, phase: Phase) -> None:
+        """At an epoch end: which blocks have converged (each block's first rank decides from its epoch losses;
+        every rank of the phase learns all decisions)."""
+        distill, report = self.job.config.distill, self.report
+        flags = torch.zeros(self.job.num_blocks, device=self.ctx.device)
+        for placement in phase.students:
+            block = placement.block
+            if placement.ranks[0] == self.ctx.rank and block not in self.converged and \
+                    plateaued(report.blocks[block].losses, distill.patience, distill.min_improvement):
+                flags[block] = 1.0
+        group = self.groups.get(phase.ranks)
+        if group is not None:
+            dist.all_reduce(flags, group=group)
+        for block in torch.nonzero(flags).flatten().tolist():
+            self.converged.add(block)
+            if block in report.blocks:
+                report.blocks[block].stop("plateau")
 
     def _count(self, _module, inputs, _output) -> None:
         self.report.count("teacher_block_forwards", inputs[0].shape[0])
 
-    def _end_step(self, done: int, in_phase: int, trainers: Dict[int, BlockTrainer], last: bool, links) -> None:
-        """Progress, epoch ends, due checkpoints; a stop decided at this step ends the run here (after a
-        checkpoint when resumable) — or, at a phase's last step, after its blocks are saved."""
+    def _end_step(self, phase: Phase, done: int, in_phase: int, trainers: Dict[int, BlockTrainer], last: bool,
+                  links) -> None:
+        """Progress, epoch ends (with ``until: plateau``, which blocks converged), due checkpoints; a stop decided
+        at this step ends the run here (after a checkpoint when resumable) — or, at a phase's last step, after its
+        blocks are saved."""
         ctx, report = self.ctx, self.report
         ctx.progress.update(done, self.total, report.label)
         if in_phase % self.steps == 0:
             for block in trainers:
                 report.blocks[block].end_epoch()
             report.end_epoch()
+            if self.job.config.distill.until == "plateau":
+                self._decide(phase)
         phase_end = in_phase == self.job.config.distill.epochs * self.steps
         stop = last and done < self.total and not phase_end
         if last and phase_end and done < self.total:
             ctx.stop.pending = True
         if self.plan.resumable and (self.checkpoints.due(done) or stop) and not phase_end:
-            self.checkpoints.save(done, stage_state(list(trainers.values()), report))
+            self.checkpoints.save(done, stage_state(list(trainers.values()), report, self.converged))
         if stop:
             links.flush()  # the ranks after this one run to this step too: let them have their input
             raise ctx.stop.stop(done if self.plan.resumable else None)

@@ -98,3 +98,39 @@ def test_decoupled_updates_remove_the_per_step_wait(tmp_path, monkeypatch):
     # 8 steps: with the barrier each rank waits out the other's 4 slow steps (about 2 x 4 x 0.25 s in all)
     assert blocked[False] > 1.2, blocked
     assert blocked[True] < blocked[False] / 2, blocked
+
+
+PLATEAU = {"epochs": 6, "max_steps_per_epoch": 2, "until": "plateau", "patience": 1, "min_improvement": 0.05}
+
+
+def test_blocks_stop_on_their_own_plateau_alike_in_every_executor(tmp_path):
+    """Each block stops when its loss stops improving (here blocks stop after 2, 3 and 6 epochs); every layout
+    decides alike and trains the same weights — a free plan whose ranks run out of work idles them."""
+    ref = train(tiny_config(tmp_path, distill=PLATEAU), tmp_path / "ref")
+    stopped = [b["stopped"] for b in ref["blocks"]]
+    assert {s["reason"] for s in stopped} == {"plateau"} and len({s["epoch"] for s in stopped}) >= 3, stopped
+    assert [len(b["losses"]) for b in ref["blocks"]] == [s["epoch"] for s in stopped]
+    assert ref["blocks"][2]["steps"] == 2 * stopped[2]["epoch"]
+    plan = APART.save(tmp_path / "plan.json")
+    for name, execution in (("apart", {"executor": "pipebd", "workers": 3, "plan": str(plan)}),
+                            ("ls", {"executor": "ls", "workers": 2}),
+                            ("dp", {"executor": "dp", "workers": 1})):
+        other = train(tiny_config(tmp_path, distill=PLATEAU, execution=execution), tmp_path / name)
+        assert [b["stopped"] for b in other["blocks"]] == stopped, name
+        assert_same_blocks(tmp_path / "ref", tmp_path / name, 5, exact=True)
+
+
+def test_plateau_run_resumes_bitwise(tmp_path, monkeypatch):
+    from nni_pipebd.executors.faults import ENV, InjectedFault
+    from nni_pipebd.executors.launch import WorkerError
+
+    config = tiny_config(tmp_path, distill=PLATEAU, execution={"executor": "pipebd", "workers": 2,
+                                                               "checkpoint_every": 1})
+    whole = train(config, tmp_path / "whole")
+    monkeypatch.setenv(ENV, "rank=1,step=7")  # after blocks 2 and 3 stopped (block 3 lives on rank 1)
+    with pytest.raises((InjectedFault, WorkerError), match="injected fault at rank"):
+        train(config, tmp_path / "run")
+    monkeypatch.delenv(ENV)
+    resumed = train(config, tmp_path / "run", resume=True)
+    assert [b["stopped"] for b in resumed["blocks"]] == [b["stopped"] for b in whole["blocks"]]
+    assert_same_blocks(tmp_path / "whole", tmp_path / "run", 5, exact=True)
