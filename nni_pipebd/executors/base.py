@@ -12,6 +12,7 @@ import torch
 
 from ..config import Config
 from ..job import Job
+from ..report.metrics import MetricsWriter
 from ..report.progress import ProgressWriter
 from ..report.trace import Tracer
 from .checkpoint import Checkpointer, common_step, load_checkpoint
@@ -37,6 +38,7 @@ class WorkerContext:
     role_dir: Optional[str] = None
     progress: ProgressWriter = field(default_factory=lambda: ProgressWriter(None, 0))
     stop: StopControl = field(default_factory=StopControl)
+    metrics: MetricsWriter = field(default_factory=lambda: MetricsWriter(None, None, 0))
 
     def announce(self, role: str) -> None:
         """Tell the launcher what this rank does (named if the rank fails)."""

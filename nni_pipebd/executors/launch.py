@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,7 @@ from ..config import Config
 from ..job import build_job
 from ..library import atomic_save, save_object_file, block_path, load_manifest, remove_stale, write_manifest, MANIFEST
 from ..spec.pretrain import prepare_teacher
+from ..report.metrics import LOGS, EpochResults, MetricsWriter
 from ..report.progress import ProgressBars, ProgressWriter
 from ..report.trace import Tracer, busy_fraction, write_chrome_trace
 from .base import WorkerContext, WorkerReport, get_executor, rss_mb
@@ -41,7 +42,8 @@ def under_torchrun() -> bool:
 def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
           trace: Union[str, Path, None] = None, resume: bool = False,
           progress: bool = False, teacher: Optional[torch.nn.Module] = None,
-          student: Optional[torch.nn.Module] = None) -> Optional[Dict[str, Any]]:
+          student: Optional[torch.nn.Module] = None,
+          on_epoch: Optional[Callable[[int, Dict[int, float]], None]] = None) -> Optional[Dict[str, Any]]:
     """Train the block library described by ``config`` into ``out_dir``.
 
     Runs ``config.execution.workers`` workers of ``config.execution.executor``: in this process when one
@@ -71,6 +73,10 @@ def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
         The student space itself, instead of the config's: an NNI ``ModelSpace`` whose ``blocks`` are the block spaces
         (one per teacher block, or one fewer for a fresh copy of the teacher's head); saved into ``out_dir``
         (``student-<hash>.pt``) like ``teacher`` and named by the library's config (``model.student.module``).
+    on_epoch : callable, optional
+        ``on_epoch(epoch, {block: loss})`` is called in this process while training runs, as soon as every block has
+        finished epoch ``epoch`` (counting from 1) or stopped before it (not under torchrun). Every rank also logs
+        each step's block losses to ``out_dir/logs/rank<r>`` (CSV; TensorBoard when installed).
 
     Raises
     ------
@@ -110,12 +116,12 @@ def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
             _worker(int(os.environ["RANK"]), world, config, str(out_dir), "env://", options)
         elif world == 1 and not executor_cls.needs_process_group:
             with tempfile.TemporaryDirectory(prefix="nni_pipebd_progress_") as folder, LeadSignals() as signals:
-                with ProgressBars(folder, 1, enabled=progress):
+                with ProgressBars(folder, 1, enabled=progress), EpochResults(folder, 1, on_epoch):
                     _worker(0, 1, config, str(out_dir), None, {**options, "progress_dir": folder,
                                                                "lead_signals": signals})
         else:
             executor_cls(config).check(world, build_job(config).num_blocks)  # fail here, not in every worker
-            _spawn(world, config, out_dir, options, progress)
+            _spawn(world, config, out_dir, options, progress, on_epoch)
     except RunStopped as stopped:
         if rank == 0 and stopped.resumable and not (out_dir / CHECKPOINTS / "config.json").is_file():
             atomic_save(original.to_dict(), out_dir / CHECKPOINTS / "config.json")  # what --resume compares with
@@ -151,6 +157,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool, resume: bool, config: Confi
         if (out_dir / MANIFEST).exists():
             remove_stale(out_dir, range(load_manifest(out_dir).get("num_blocks", 0)))
         shutil.rmtree(checkpoints, ignore_errors=True)
+        shutil.rmtree(out_dir / LOGS, ignore_errors=True)
         _logger.info("replacing the contents of %s", out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +183,8 @@ def _changed_keys(before: Dict[str, Any], after: Dict[str, Any], where: str = ""
     return keys
 
 
-def _spawn(world: int, config: Config, out_dir: Path, options: Dict[str, Any], progress: bool = False) -> None:
+def _spawn(world: int, config: Config, out_dir: Path, options: Dict[str, Any], progress: bool = False,
+           on_epoch: Optional[Callable[[int, Dict[int, float]], None]] = None) -> None:
     """Start ``world`` workers; if one fails, the others are stopped and the root cause is named.
 
     SIGINT / SIGTERM to this process (or its process group) ask the workers to stop after a common step with a
@@ -189,8 +197,9 @@ def _spawn(world: int, config: Config, out_dir: Path, options: Dict[str, Any], p
         with LeadSignals(rendezvous) as signals:
             init = f"file://{os.path.join(rendezvous, 'store')}"
             try:
-                run_processes(_worker, world, (config, str(out_dir), init, options), rendezvous,
-                              ProgressBars(rendezvous, world, enabled=progress))
+                with EpochResults(rendezvous, world, on_epoch):
+                    run_processes(_worker, world, (config, str(out_dir), init, options), rendezvous,
+                                  ProgressBars(rendezvous, world, enabled=progress))
             except WorkerError as err:
                 if signals.requested and any(Path(rendezvous, f"rank{r}.stopped").is_file() for r in range(world)):
                     raise RunStopped(signals.signum) from None  # ls: ranks stop independently, none resumable
@@ -256,7 +265,8 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
         executor.check(world, job.num_blocks)
         ctx = WorkerContext(rank, world, local_rank, device, timeout, group, Tracer(enabled=trace is not None),
                             out_dir, bool(options.get("resume")), options.get("role_dir"),
-                            ProgressWriter(options.get("progress_dir"), rank), stop)
+                            ProgressWriter(options.get("progress_dir"), rank), stop,
+                            MetricsWriter(out_dir, options.get("progress_dir"), rank, bool(options.get("resume"))))
         if group is not None:
             dist.barrier(group=group)  # start the clocks together
 
@@ -272,6 +282,7 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
             if group is not None and stopped.step is not None:
                 dist.barrier(group=group)  # every rank stopped after the same step: leave together
             raise
+        ctx.metrics.close()
         report.start, report.end, report.spans = begin, time.time(), ctx.tracer.spans
         report.peak_rss_mb = rss_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         reports: List[WorkerReport] = [report]

@@ -49,6 +49,8 @@ def run_plan(ctx: WorkerContext, job: Job, plan: Plan, save_block, label: Option
         done = int(state["steps_done"])
         report.blocks = {int(i): BlockReport.from_dict(r) for i, r in state["reports"].items()}
         report.counters = dict(state["counters"])
+    if ctx.rank == 0:
+        ctx.metrics.start(job.num_blocks)
     run = _Run(ctx, job, plan, groups, report, checkpoints, len(mine) * per_phase)
     for n, phase in enumerate(mine):
         begin = n * per_phase
@@ -62,6 +64,7 @@ def run_plan(ctx: WorkerContext, job: Job, plan: Plan, save_block, label: Option
                 save_block(placement.block, trainers[placement.block].state_dict())
         more = n + 1 < len(mine)
         if more and (checkpoints.every or ctx.stop.pending) and plan.resumable:
+            ctx.metrics.flush()
             checkpoints.save(done, stage_state([], report))  # the blocks are saved: a resume starts after them
         if more and ctx.stop.pending:
             raise ctx.stop.stop(done if plan.resumable else None)
@@ -112,6 +115,7 @@ class _Run:
         self.batch = job.config.data.batch_size
         self.steps = job.order.steps_per_epoch
         self.converged: set = set()
+        self.reporting: set = set()
 
     def phase(self, phase: Phase, first: int, base: int, state: Optional[dict]) -> Dict[int, BlockTrainer]:
         """Run ``phase`` from its step ``first``; ``base``: this rank's steps before the phase. Returns the
@@ -139,6 +143,7 @@ class _Run:
             scales[placement.block] = (hi - lo) / self.batch if group is not None else 1.0
             self.report.blocks.setdefault(placement.block, BlockReport())
         self.converged = set(state.get("converged", [])) if state is not None else set()
+        self.reporting = {p.block for p in own.students if p.ranks[0] == ctx.rank}
         if state is not None:
             for block, trainer in trainers.items():
                 trainer.load_full_state(state["trainers"][block])
@@ -203,8 +208,11 @@ class _Run:
                             dist.barrier(group=barrier)
                     with tracer.span("student"):
                         for block, trainer in training.items():
+                            lr = trainer.optimizer.param_groups[0]["lr"]
                             trainer.apply(losses[block])
                             self.report.blocks[block].add(float(losses[block]))
+                            if block in self.reporting:
+                                ctx.metrics.step(block, trainer.steps, float(losses[block]), lr)
                     done += 1
                     if plateau and done % self.steps == 0:
                         links.flush()  # before the epoch's decision: the next epoch has links of its own
@@ -265,16 +273,25 @@ class _Run:
         ctx, report = self.ctx, self.report
         ctx.progress.update(done, self.total, report.label)
         if in_phase % self.steps == 0:
+            ended = {}
             for block in trainers:
+                losses = report.blocks[block].losses
+                count = len(losses)
                 report.blocks[block].end_epoch()
+                if block in self.reporting and len(losses) > count:
+                    ended[block] = (len(losses), losses[-1])
             report.end_epoch()
+            before = set(self.converged)
             if self.job.config.distill.until == "plateau":
                 self._decide(phase)
+            ctx.metrics.epoch(ended, {b: len(report.blocks[b].losses) for b in self.converged - before
+                                      if b in self.reporting})
         phase_end = in_phase == self.job.config.distill.epochs * self.steps
         stop = last and done < self.total and not phase_end
         if last and phase_end and done < self.total:
             ctx.stop.pending = True
         if self.plan.resumable and (self.checkpoints.due(done) or stop) and not phase_end:
+            ctx.metrics.flush()
             self.checkpoints.save(done, stage_state(list(trainers.values()), report, self.converged))
         if stop:
             links.flush()  # the ranks after this one run to this step too: let them have their input

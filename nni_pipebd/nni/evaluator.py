@@ -19,7 +19,7 @@ from ..search.finetune import FinetuneSettings, architecture_id, finetune
 from .jobconfig import IF_EXISTS, resolve_config, structure_config
 
 __all__ = ["BlockwiseDistillation", "LibraryMismatchError", "IF_EXISTS", "resolve_config", "structure_config",
-           "distillation_metrics", "architecture_metrics", "report_metrics", "check_visible_gpus"]
+           "distillation_metrics", "epoch_metric", "architecture_metrics", "report_metrics", "check_visible_gpus"]
 
 _logger = logging.getLogger(__name__)
 
@@ -49,15 +49,19 @@ def distillation_metrics(manifest: Mapping[str, Any]) -> Tuple[List[Dict[str, fl
     """
     blocks = manifest["blocks"]
     epochs = max((len(b["losses"]) for b in blocks), default=0)
-    intermediates = []
-    for epoch in range(epochs):
-        losses = {f"block_{b['index']}": float(b["losses"][epoch]) for b in blocks if len(b["losses"]) > epoch}
-        intermediates.append({"default": -statistics.fmean(losses.values()), **losses})
+    intermediates = [epoch_metric({b["index"]: b["losses"][epoch] for b in blocks if len(b["losses"]) > epoch})
+                     for epoch in range(epochs)]
     last = {f"block_{b['index']}": float(b["losses"][-1]) for b in blocks if b["losses"]}
     final = {"default": -statistics.fmean(last.values()) if last else 0.0, **last,
              "train_time_s": float(manifest.get("train_time_s", 0.0)),
              "wall_time_s": float(manifest.get("wall_time_s", 0.0))}
     return intermediates, final
+
+
+def epoch_metric(losses: Mapping[int, float]) -> Dict[str, float]:
+    """NNI metric of one distillation epoch: ``default`` = minus the mean block loss, and ``block_{i}``."""
+    named = {f"block_{i}": float(loss) for i, loss in sorted(losses.items())}
+    return {"default": -statistics.fmean(named.values()), **named}
 
 
 def architecture_metrics(result: Mapping[str, Any]) -> Tuple[List[Dict[str, float]], Dict[str, float]]:
@@ -257,13 +261,21 @@ class BlockwiseDistillation(Evaluator):
         resume = not overwrite and (directory / CHECKPOINTS / "config.json").is_file()
         _logger.info("blockwise distillation: %s executor, %d workers -> %s%s", self.config.execution.executor,
                      self.config.execution.workers, directory, " (resuming)" if resume else "")
-        manifest = train(self.config, directory, overwrite=overwrite, resume=resume)
-        self._report_distillation(manifest)
+        live: List[int] = []
+
+        def on_epoch(epoch: int, losses: Dict[int, float]) -> None:  # while training runs
+            if nni.get_current_parameter() is not None:
+                nni.report_intermediate_result(epoch_metric(losses))
+            live.append(epoch)
+
+        manifest = train(self.config, directory, overwrite=overwrite, resume=resume, on_epoch=on_epoch)
+        self._report_distillation(manifest, reported=len(live))
         return manifest
 
-    def _report_distillation(self, manifest: Mapping[str, Any]) -> None:
+    def _report_distillation(self, manifest: Mapping[str, Any], reported: int = 0) -> None:
+        """Report the epochs not reported live yet (all of a reused library) and the final result."""
         intermediates, final = distillation_metrics(manifest)
-        report_metrics(intermediates, final)
+        report_metrics(intermediates[reported:], final)
         _logger.info("block library %s: final block losses %s", self.library_dir,
                      {k: round(v, 6) for k, v in final.items() if k.startswith("block_")})
 

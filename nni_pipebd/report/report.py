@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import matplotlib
 
@@ -14,8 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
 from ..library import load_manifest, random_teacher_warning  # noqa: E402
+from .metrics import read_step_losses  # noqa: E402
 
-__all__ = ["write_report", "plot_losses", "plot_timeline", "plot_block_scores", "plot_search"]
+__all__ = ["write_report", "plot_losses", "plot_step_losses", "plot_timeline", "plot_block_scores", "plot_search"]
 
 _logger = logging.getLogger(__name__)
 
@@ -34,6 +35,30 @@ def plot_losses(manifest: Dict[str, Any], path: Path) -> Path:
     ax.set_ylabel(f"{manifest['config']['distill']['loss']} loss (epoch mean)")
     ax.set_title(f"Block losses ({manifest['executor']}, {manifest['workers']} workers)")
     values = [v for b in manifest["blocks"] for v in b["losses"] if v > 0]
+    if values and max(values) / min(values) > 50:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_step_losses(curves: Dict[int, List[Tuple[int, float]]], loss: str, path: Path) -> Path:
+    """Per-block loss at every step (faint) and its moving average over about 5% of the block's steps."""
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for block, points in curves.items():
+        steps, values = [s for s, _ in points], [v for _, v in points]
+        window = max(1, len(values) // 20)
+        smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+                  for i in range(len(values))]
+        line, = ax.plot(steps, smooth, label=f"block {block}")
+        ax.plot(steps, values, color=line.get_color(), alpha=0.2, linewidth=0.8)
+    ax.set_xlabel("step of the block")
+    ax.set_ylabel(f"{loss} loss (moving average)")
+    ax.set_title("Block losses per step")
+    values = [v for points in curves.values() for _, v in points if v > 0]
     if values and max(values) / min(values) > 50:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -136,6 +161,10 @@ def write_report(directory: Union[str, Path], out: Union[str, Path, None] = None
         final = f"{block['losses'][-1]:.4g}" if block["losses"] else "-"
         lines.append(f"| {block['index']} | {final} | {block['steps']} |")
     lines += ["", f"![block losses]({plot_losses(manifest, out / 'losses.png').name})", ""]
+    curves = read_step_losses(directory)
+    if curves:
+        plot = plot_step_losses(curves, manifest["config"]["distill"]["loss"], out / "step_losses.png")
+        lines += [f"![block losses per step]({plot.name})", ""]
     if manifest.get("ranks"):
         lines += ["| rank | role | train s | peak RSS MB | busy |", "|---|---|---|---|---|"]
         for r in manifest["ranks"]:
