@@ -40,6 +40,8 @@ class MetricsWriter:
                     self.loggers.append(TensorBoardLogger(out_dir, name=LOGS, version=f"rank{rank}"))
                 except ModuleNotFoundError:  # TensorBoard is optional
                     pass
+                for logger in self.loggers:
+                    logger.experiment  # noqa: B018  (created here, where its warning about old files is silenced)
         self.path = None if folder is None else Path(folder, f"rank{rank}.epochs")
 
     def start(self, num_blocks: int) -> None:
