@@ -86,3 +86,12 @@ def test_options_name_the_bad_value():
         assert TrainerOptions.for_device("auto").accelerator == "cpu"
         with pytest.raises(RuntimeError, match="CUDA is not available"):
             TrainerOptions.for_device("cuda")
+
+
+def test_precision_is_passed_through(tmp_path):
+    net, data = _net(), _data()
+    module = ClassifierModule(net, teacher=_net(), total_steps=data.steps_per_epoch)
+    result = fit_classifier(module, data, TrainerOptions(precision="bf16-mixed"), epochs=1, log_dir=tmp_path)
+    logged = (tmp_path / "fit" / "version_0" / "metrics.csv").read_text()
+    assert len(result.train_losses) == 1 and "train_loss" in logged
+    assert module.trainer.precision == "bf16-mixed"  # CPU autocast to bfloat16
