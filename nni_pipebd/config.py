@@ -53,7 +53,15 @@ class TeacherConfig:
     train_if_missing : bool
         When ``checkpoint`` does not exist, train the teacher on the configured data and cache it there.
     train_epochs : int
-        Epochs of that teacher training.
+        Epochs of that teacher training (under PyTorch Lightning, on ``execution.device``).
+    train_precision : str
+        Lightning precision of that training: ``32-true``, ``16-mixed``, ``bf16-mixed``, ``16-true``, ``bf16-true``
+        or ``64-true``.
+    train_devices : int
+        Devices of that training, in data parallel.
+    train_strategy : str
+        Lightning strategy of that training (``auto``: one device, or ``ddp_spawn`` with several; also ``ddp``,
+        ``ddp_spawn``, ``ddp_fork``, ``fsdp``, ``deepspeed`` ...).
     pretrained : bool
         The teacher must come with weights (``checkpoint``, ``weights`` or ``module``); a config without them is an
         error. ``false`` distils a randomly initialised teacher on purpose (benchmarks, tests); the library
@@ -74,6 +82,9 @@ class TeacherConfig:
     weights: Optional[str] = None
     train_if_missing: bool = False
     train_epochs: int = 10
+    train_precision: str = "32-true"
+    train_devices: int = 1
+    train_strategy: str = "auto"
     pretrained: bool = True
     boundaries: Optional[list] = None
 
@@ -424,7 +435,7 @@ _CHOICES = {
 }
 _DATA_NAMES = ("digits", "synthetic", "cifar10", "imagefolder")
 _POSITIVE = (
-    "model.teacher.num_classes", "data.image_size", "data.channels", "data.batch_size",
+    "model.teacher.num_classes", "model.teacher.train_epochs", "data.image_size", "data.channels", "data.batch_size",
     "data.num_samples", "distill.epochs", "distill.paths_per_step", "distill.patience", "execution.workers",
     "execution.timeout_s", "distill.lr", "model.student.width_mult", "execution.queue_depth",
 )
@@ -498,6 +509,11 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.student.module = {student.module!r} is the student space itself; drop class_path / "
                           "kind")
     teacher = config.model.teacher
+    from .lightning.options import check_trainer_options
+
+    problem = check_trainer_options(teacher.train_precision, teacher.train_devices, teacher.train_strategy)
+    if problem:
+        raise ConfigError(f"model.teacher.train_{problem}")
     sources = [key for key in ("arch", "class_path", "module") if getattr(teacher, key) is not None]
     if len(sources) > 1:
         raise ConfigError(f"model.teacher sets {' and '.join(sources)}; give one of arch, class_path and module")

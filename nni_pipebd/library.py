@@ -56,6 +56,9 @@ def write_manifest(directory: Union[str, Path], manifest: Dict[str, Any]) -> Pat
     return path
 
 
+_TEACHER_TRAINING = {"train_precision": "32-true", "train_devices": 1, "train_strategy": "auto"}
+
+
 def load_manifest(directory: Union[str, Path]) -> Dict[str, Any]:
     """Read and check ``library.json`` of a library folder."""
     path = Path(directory) / MANIFEST
@@ -71,6 +74,8 @@ def load_manifest(directory: Union[str, Path]) -> Dict[str, Any]:
     teacher = manifest.get("config", {}).get("model", {}).get("teacher", {})
     if "pretrained" not in teacher:  # written before the key existed: say what it had
         teacher["pretrained"] = any(teacher.get(key) is not None for key in ("module", "checkpoint", "weights"))
+    for key, default in _TEACHER_TRAINING.items():  # written before these keys existed: their defaults (no change)
+        teacher.setdefault(key, default)
     return manifest
 
 

@@ -41,6 +41,11 @@ def test_wrong_type_names_key_and_types():
     ("execution", "workers", 0, r"execution\.workers = 0 must be > 0"),
     ("model", "student", {"kernels": [4]}, r"kernels = \[4\] must be odd"),
     ("data", "name", "cifar10", r"data\.root must name"),
+    ("model", "teacher", {"train_precision": "bf16"},
+     r"model\.teacher\.train_precision = 'bf16' is not valid; choose one of \['32-true', '16-mixed', 'bf16-mixed'"),
+    ("model", "teacher", {"train_devices": 0}, r"model\.teacher\.train_devices = 0 must be an int >= 1"),
+    ("model", "teacher", {"train_strategy": "dp"}, r"model\.teacher\.train_strategy = 'dp' is not valid; .*'ddp_spawn'"),
+    ("model", "teacher", {"train_epochs": 0}, r"model\.teacher\.train_epochs = 0 must be > 0"),
 ])
 def test_bad_values(section, key, value, match):
     with pytest.raises(ConfigError, match=match):

@@ -1,4 +1,4 @@
-"""NNI 3.0 workarounds on this stack: JSON comment stripping, ``pkg_resources`` for nnictl, a fresh Trainer per model."""
+"""NNI 3.0 workarounds on this stack: JSON comment stripping, ``pkg_resources`` for nnictl, a fresh Trainer (or evaluator) per model."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 __all__ = [
     "PATCHED_MODULES", "load_keeping_comments", "patch_json_comments", "unpatch_json_comments",
-    "json_comments_patched", "nnictl_problem", "require_nnictl", "fresh_trainer",
+    "json_comments_patched", "nnictl_problem", "require_nnictl", "fresh_trainer", "fresh_evaluator",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -118,3 +118,23 @@ def fresh_trainer(evaluator: Any) -> Any:
         return evaluator
     evaluator.trainer = trainer.trace_copy().get()
     return evaluator
+
+
+def fresh_evaluator(evaluator: Any) -> Any:
+    """A new instance of a traced NNI evaluator, rebuilt from its traced arguments, with its own ``Trainer`` and
+    Lightning module (a deep copy when the module is an argument that is not traced); data loaders are shared.
+
+    What the final evaluation runs every architecture with: every one starts from the same state, and a ``Trainer``
+    that already ran is never reused (see :func:`fresh_trainer`). An untraced evaluator is returned unchanged.
+    """
+    import copy
+
+    if not hasattr(evaluator, "trace_copy"):
+        return evaluator
+    fresh = evaluator.trace_copy().get()
+    if getattr(fresh, "trainer", None) is getattr(evaluator, "trainer", None):
+        fresh_trainer(fresh)
+    module = getattr(fresh, "module", None)
+    if module is not None and module is getattr(evaluator, "module", None):
+        fresh.module = module.trace_copy().get() if hasattr(module, "trace_copy") else copy.deepcopy(module)
+    return fresh

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import statistics
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -16,10 +17,15 @@ from ..config import Config
 from ..executors.checkpoint import CHECKPOINTS
 from ..library import MANIFEST, load_manifest
 from ..search.finetune import FinetuneSettings, architecture_id, finetune
+from .final import FinalEvaluatorError, default_metric, resolve_final_evaluator
 from .jobconfig import IF_EXISTS, resolve_config, structure_config
 
 __all__ = ["BlockwiseDistillation", "LibraryMismatchError", "IF_EXISTS", "resolve_config", "structure_config",
-           "distillation_metrics", "epoch_metric", "architecture_metrics", "report_metrics", "check_visible_gpus"]
+           "distillation_metrics", "epoch_metric", "architecture_metrics", "final_metrics", "report_metrics",
+           "check_visible_gpus", "EVALUATION_FORMAT"]
+
+EVALUATION_FORMAT = "nni_pipebd.evaluation/1"
+"""``format`` of ``evaluation_<id>.json``: an architecture evaluated by the final evaluator."""
 
 _logger = logging.getLogger(__name__)
 
@@ -77,6 +83,19 @@ def architecture_metrics(result: Mapping[str, Any]) -> Tuple[List[Dict[str, floa
     return intermediates, final
 
 
+def final_metrics(result: Mapping[str, Any]) -> Tuple[List[Any], Dict[str, Any]]:
+    """NNI metrics of an architecture evaluated by a final evaluator: its intermediate reports as they were; final
+    ``default`` = its final metric (its other numbers kept), with the architecture's costs beside it."""
+    reported = result["metric"]
+    final: Dict[str, Any] = dict(reported) if isinstance(reported, Mapping) else {}
+    final["default"] = default_metric(reported)
+    student = result["student"]
+    final.update(params=float(student["params"]), flops=float(student["flops"]))
+    if student.get("latency_ms") is not None:
+        final["latency_ms"] = float(student["latency_ms"])
+    return list(result["intermediates"]), final
+
+
 def report_metrics(intermediates: List[Dict[str, float]], final: Dict[str, float]) -> bool:
     """Report through NNI's trial API when running as an NNI trial (or sequential model); returns whether it did."""
     if nni.get_current_parameter() is None:
@@ -118,7 +137,8 @@ class BlockwiseDistillation(Evaluator):
     trains the block library with the configured executor (``train`` spawns its own workers) and reports the
     per-epoch block losses as intermediate results and minus the mean final block loss as the final one; an
     :class:`~nni_pipebd.nni.models.ArchitectureModel` (or any frozen NNI model with a ``sample``, or a sample dict)
-    is built from the library, finetuned end to end and reports its validation accuracy (NNI maximises).
+    is built from the library, finetuned end to end and reports its validation accuracy (NNI maximises) — or, with
+    a ``final_evaluator``, the search's candidates are evaluated by it and report its metric.
 
     The arguments are stored as plain data (a ``Config`` becomes its dict), so the evaluator serialises as JSON and
     runs the same in an NNI trial process.
@@ -147,12 +167,18 @@ class BlockwiseDistillation(Evaluator):
     student : nni.nas.nn.pytorch.ModelSpace, optional
         Your student space, in place of the config's: a ``ModelSpace`` whose ``blocks`` are the block spaces (see
         :meth:`bind_student`). The strategies bind the space given to ``NasExperiment`` themselves.
+    final_evaluator : nni.nas.evaluator.Evaluator or str, optional
+        Evaluates the candidate architectures in place of the built-in finetuning: any NNI 3.0 evaluator (e.g.
+        ``nni.nas.evaluator.pytorch.Classification`` or ``Lightning``), or the import path of a function returning
+        one (``package.module:function``, found beside the config too). It gets the network built from the library
+        (BatchNorm re-estimated as for finetuning) and its ``nni.report_final_result`` is the architecture's
+        metric. DONNA's predictor architectures are still finetuned (the predictor learns finetuned accuracy).
     """
 
     def __init__(self, config: Union[str, Mapping[str, Any], Config], library_dir: str, *,
                  base_dir: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,
                  finetune: Optional[Mapping[str, Any]] = None, if_exists: str = "reuse", device: str = "auto",
-                 teacher: Any = None, student: Any = None):
+                 teacher: Any = None, student: Any = None, final_evaluator: Any = None):
         self.config = resolve_config(config, base_dir, overrides)
         if if_exists not in IF_EXISTS:
             raise ValueError(f"if_exists = {if_exists!r} is not valid; choose one of {list(IF_EXISTS)}")
@@ -172,6 +198,10 @@ class BlockwiseDistillation(Evaluator):
             self.config = self.config.with_teacher(save_teacher_module(teacher, self.library_dir))
         self.if_exists = if_exists
         self.device = device
+        self.final_evaluator = final_evaluator
+        self._final: Any = None
+        if final_evaluator is not None and not isinstance(final_evaluator, str):
+            self._final = resolve_final_evaluator(final_evaluator)
         self._choices: Optional[Dict[str, List[str]]] = None
         self._opened: Optional[Tuple[int, Any]] = None
         plain: Dict[str, Any] = {"library_dir": str(self.library_dir)}
@@ -203,6 +233,19 @@ class BlockwiseDistillation(Evaluator):
         if hasattr(self, "trace_kwargs"):
             self.trace_kwargs.update(config=self.config.to_dict(), base_dir=str(Path(self.config.base_dir).resolve()),
                                      overrides=None, teacher=None, student=None)
+
+    def bind_final_evaluator(self, evaluator: Any) -> None:
+        """Evaluate the candidate architectures with ``evaluator`` (see ``final_evaluator``); ``None``: finetune."""
+        self._final = None if evaluator is None or isinstance(evaluator, str) else resolve_final_evaluator(evaluator)
+        self.final_evaluator = evaluator
+        if hasattr(self, "trace_kwargs"):
+            self.trace_kwargs.update(final_evaluator=evaluator)
+
+    def resolved_final_evaluator(self) -> Any:
+        """The final evaluator (imported on first use when given as an import path), or ``None``."""
+        if self._final is None and self.final_evaluator is not None:
+            self._final = resolve_final_evaluator(self.final_evaluator, self.config.base_dir)
+        return self._final
 
     def extra_repr(self) -> str:
         execution = self.config.execution
@@ -279,9 +322,12 @@ class BlockwiseDistillation(Evaluator):
         _logger.info("block library %s: final block losses %s", self.library_dir,
                      {k: round(v, 6) for k, v in final.items() if k.startswith("block_")})
 
-    def evaluate_architecture(self, sample: Mapping[str, Any]) -> Dict[str, Any]:
+    def evaluate_architecture(self, sample: Mapping[str, Any], role: str = "candidate") -> Dict[str, Any]:
         """Build ``sample`` from the library, finetune it (``finetune`` settings), report to NNI; returns the result
         of :func:`~nni_pipebd.search.finetune.finetune` (also written to ``library_dir/finetune_{id}.json``).
+
+        A ``candidate`` with a ``final_evaluator`` is evaluated by it instead (:meth:`evaluate_final`); a
+        ``predictor`` architecture (DONNA) is always finetuned.
 
         Raises
         ------
@@ -291,9 +337,53 @@ class BlockwiseDistillation(Evaluator):
             ``sample`` does not match the library's space.
         """
         sample = dict(sample)
+        if role == "candidate" and self.final_evaluator is not None:
+            return self.evaluate_final(sample)
         out = self.library_dir / f"finetune_{architecture_id(sample)}.json"
         result = finetune(self._library(), sample, self.finetune_settings, out=out, device=self.device)
         report_metrics(*architecture_metrics(result))
+        return result
+
+    def evaluate_final(self, sample: Mapping[str, Any]) -> Dict[str, Any]:
+        """Build ``sample`` from the library (BatchNorm re-estimated on ``finetune.calib_batches`` training batches),
+        evaluate it with the final evaluator (a fresh copy of it for every architecture), report to NNI.
+
+        Returns
+        -------
+        dict
+            ``format``, ``id``, ``sample``, ``evaluator`` (its repr), ``metric`` (its final report),
+            ``intermediates`` (its intermediate reports), ``student`` (``params``, ``flops``, ``latency_ms``) and
+            ``time_s``; also written to ``library_dir/evaluation_{id}.json``.
+
+        Raises
+        ------
+        FinalEvaluatorError
+            No final evaluator is set, or it reported no usable final metric.
+        """
+        from ..library import atomic_save
+        from ..search.finetune import network_costs, prepare_network
+        from ..search.loaded import check_sample
+        from .final import run_final_evaluator
+
+        start = time.perf_counter()
+        evaluator = self.resolved_final_evaluator()
+        if evaluator is None:
+            raise FinalEvaluatorError("this BlockwiseDistillation has no final_evaluator; pass final_evaluator= (or "
+                                      "use evaluate_architecture to finetune)")
+        library = self._library()
+        sample = check_sample(library.choices, sample)
+        network = prepare_network(library, sample, self.finetune_settings, self.device)
+        costs = network_costs(network, library.job.spec.shapes[0][0])
+        reported = run_final_evaluator(evaluator, network.train(), sample)  # train mode, as a fresh network
+        result = {"format": EVALUATION_FORMAT, "library": str(self.library_dir), "id": architecture_id(sample),
+                  "sample": sample, "evaluator": repr(evaluator), "metric": reported["final"],
+                  "intermediates": reported["intermediates"], "student": costs, "time_s": time.perf_counter() - start}
+        _, final = final_metrics(result)
+        _logger.info("architecture %s: final evaluator %s reported %s (%d params)", result["id"],
+                     type(evaluator).__name__, reported["final"], costs["params"])
+        atomic_save(result, self.library_dir / f"evaluation_{result['id']}.json")
+        if nni.get_current_parameter() is not None:  # its intermediate reports went to NNI as they came
+            nni.report_final_result(final)
         return result
 
     def _library(self) -> Any:
@@ -321,7 +411,7 @@ class BlockwiseDistillation(Evaluator):
             return self.distill()
         sample = model if isinstance(model, Mapping) else getattr(model, "sample", None)
         if isinstance(sample, Mapping):
-            return self.evaluate_architecture(sample)
+            return self.evaluate_architecture(sample, getattr(model, "role", "candidate"))
         raise TypeError(f"BlockwiseDistillation cannot evaluate {type(model).__name__}: give a DistillationTask, "
                         "a frozen NNI model with a sample, or a sample dict {label: candidate}")
 
@@ -330,7 +420,8 @@ class BlockwiseDistillation(Evaluator):
         return self.evaluate(model)
 
     def settings(self) -> Dict[str, Any]:
-        """The evaluator's arguments as plain data (what trials receive)."""
+        """The evaluator's arguments as plain data (what trials receive; a final evaluator object travels as NNI
+        serialises traced objects, ``nni.dump``)."""
         return {"library_dir": str(self.library_dir), "if_exists": self.if_exists, "device": self.device,
                 "finetune": asdict(self.finetune_settings), "config": self.config.to_dict(),
-                "base_dir": str(self.config.base_dir)}
+                "base_dir": str(self.config.base_dir), "final_evaluator": self.final_evaluator}

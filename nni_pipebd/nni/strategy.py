@@ -46,11 +46,17 @@ class BlockwiseStrategy(Strategy):
     ----------
     settings : SearchSettings
         Method, budget, top-k and search options.
+    final_evaluator : nni.nas.evaluator.Evaluator or str, optional
+        Evaluates the found architectures in place of the built-in finetuning, e.g. a Lightning
+        ``nni.nas.evaluator.pytorch.Classification`` (or the import path of a function returning one); its final
+        metric ranks them (see :meth:`BlockwiseDistillation.evaluate_final
+        <nni_pipebd.nni.evaluator.BlockwiseDistillation.evaluate_final>`).
     """
 
-    def __init__(self, settings: SearchSettings):
+    def __init__(self, settings: SearchSettings, final_evaluator: Any = None):
         super().__init__()
         self.settings = settings
+        self.final_evaluator = final_evaluator
         self._phase = "distill"
         self._candidates: List[Dict[str, Any]] = []
         self._predictor: Optional[Dict[str, Any]] = None
@@ -79,6 +85,8 @@ class BlockwiseStrategy(Strategy):
         given = getattr(model_space, "model_space", model_space)  # the user's ModelSpace inside NNI's wrapper
         if hasattr(given, "blocks") and not isinstance(given, StudentSpace):
             evaluator.bind_student(given)  # the space handed to NasExperiment is the one distilled
+        if self.final_evaluator is not None:
+            evaluator.bind_final_evaluator(self.final_evaluator)
         check_space(space_choices(model_space), evaluator.space_choices())
         limit = getattr(engine, "max_model_count", None)
         if limit is None:
@@ -173,8 +181,10 @@ class BlockwiseStrategy(Strategy):
                 continue
             search = {k: v for k, v in arch.items() if k not in ("sample", "rank")}
             models.append(ArchitectureModel(arch["sample"], self.evaluator, "candidate", rank, search))
-        _logger.info("phase %d: finetuning and evaluating %d architectures", 4 if self.settings.method == "donna" else 3,
-                     len(models))
+        how = type(self.evaluator.resolved_final_evaluator()).__name__ if self.evaluator.final_evaluator is not None \
+            else "finetuning"
+        _logger.info("phase %d: evaluating %d architectures (%s)", 4 if self.settings.method == "donna" else 3,
+                     len(models), how)
         self._models += models
         self._submit(models)
         failed = [m for m in models if m.status != ModelStatus.Trained]
@@ -258,12 +268,14 @@ class BlockwiseDNA(BlockwiseStrategy):
         Path sample.
     device : str
         Where ranking runs (``cpu``, ``cuda``, ``auto``).
+    final_evaluator : nni.nas.evaluator.Evaluator or str, optional
+        Evaluates the ``top_k`` architectures instead of finetuning them, e.g. a Lightning ``Classification``.
     """
 
     def __init__(self, budget: str, top_k: int = 3, *, ranking: Union[RankingSettings, Mapping[str, Any], None] = None,
-                 normalize: str = "mean", seed: int = 0, device: str = "cpu"):
+                 normalize: str = "mean", seed: int = 0, device: str = "cpu", final_evaluator: Any = None):
         super().__init__(SearchSettings.create("dna", budget, top_k, ranking, normalize=normalize, seed=seed,
-                                               device=device))
+                                               device=device), final_evaluator)
 
 
 class BlockwiseDONNA(BlockwiseStrategy):
@@ -287,11 +299,14 @@ class BlockwiseDONNA(BlockwiseStrategy):
         Predictor architectures, evolution.
     device : str
         Where ranking runs.
+    final_evaluator : nni.nas.evaluator.Evaluator or str, optional
+        Evaluates the ``top_k`` architectures instead of finetuning them, e.g. a Lightning ``Classification`` (the
+        predictor architectures are finetuned: the predictor learns finetuned accuracy).
     """
 
     def __init__(self, budget: str, top_k: int = 3, *, predictor_archs: int = 8,
                  ranking: Union[RankingSettings, Mapping[str, Any], None] = None, population: int = 64,
-                 generations: int = 60, seed: int = 0, device: str = "cpu"):
+                 generations: int = 60, seed: int = 0, device: str = "cpu", final_evaluator: Any = None):
         super().__init__(SearchSettings.create("donna", budget, top_k, ranking, predictor_archs=predictor_archs,
                                                population=population, generations=generations, seed=seed,
-                                               device=device))
+                                               device=device), final_evaluator)

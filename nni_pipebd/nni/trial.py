@@ -28,7 +28,8 @@ def run_trial(params: Mapping[str, Any]) -> Dict[str, Any]:
     Returns
     -------
     dict
-        The library manifest (``distill``) or the finetuning result (``evaluate``).
+        The library manifest (``distill``) or the finetuning result (``evaluate``; a candidate's evaluation by the
+        final evaluator when the evaluator settings name one).
 
     Raises
     ------
@@ -49,7 +50,7 @@ def run_trial(params: Mapping[str, Any]) -> Dict[str, Any]:
         raise ValueError(f"an evaluate trial needs 'sample' ({{label: candidate}}); got {params.get('sample')!r}")
     _logger.info("evaluating %s architecture #%s: %s", params.get("role", "candidate"), params.get("rank", "?"),
                  params["sample"])
-    return evaluator.evaluate_architecture(params["sample"])
+    return evaluator.evaluate_architecture(params["sample"], params.get("role", "candidate"))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -101,6 +101,12 @@ class BlockwiseTuner(Tuner):
         ``trialCodeDirectory``, else the working directory.
     tuner_library_dir : str, optional
         The library folder as this process sees it (default: ``library_dir``).
+    final_evaluator : str or nni.nas.evaluator.Evaluator, optional
+        Evaluates the candidate architectures in their trials instead of the built-in finetuning: the import path
+        of a function returning an NNI evaluator (``package.module:function``, found in the code directory too;
+        what ``classArgs`` can name), or, built from Python, the evaluator itself (e.g. a Lightning
+        ``Classification``; trials receive it serialised by ``nni.dump``). A trial reports its final metric with
+        the architecture's costs beside it.
     """
 
     def __init__(self, config: Union[str, Mapping[str, Any]], library_dir: str, budget: str, method: str = "dna",
@@ -108,7 +114,8 @@ class BlockwiseTuner(Tuner):
                  finetune: Optional[Mapping[str, Any]] = None, ranking: Optional[Mapping[str, Any]] = None,
                  normalize: str = "mean", predictor_archs: int = 8, population: int = 64, generations: int = 60,
                  seed: int = 0, search_device: str = "cpu", device: str = "auto", if_exists: str = "reuse",
-                 code_dir: Optional[str] = None, tuner_library_dir: Optional[str] = None):
+                 code_dir: Optional[str] = None, tuner_library_dir: Optional[str] = None,
+                 final_evaluator: Any = None):
         patch_json_comments()
         params = experiment_params()
         root = Path(code_dir or params.get("trialCodeDirectory") or os.getcwd()).expanduser()
@@ -128,7 +135,7 @@ class BlockwiseTuner(Tuner):
         # from its start to connect, and importing torch can take longer than that on a busy machine.
         self._evaluator_args: Dict[str, Any] = dict(
             config=config, library_dir=resolve(library_dir), base_dir=str(root), overrides=overrides,
-            finetune=finetune, if_exists=if_exists, device=device)
+            finetune=finetune, if_exists=if_exists, device=device, final_evaluator=final_evaluator)
         self._search_args: Dict[str, Any] = dict(
             method=method, budget=budget, top_k=top_k, ranking=dict(ranking or {}), normalize=normalize,
             predictor_archs=predictor_archs, population=population, generations=generations, seed=seed,
@@ -169,6 +176,7 @@ class BlockwiseTuner(Tuner):
         self.settings = SearchSettings.create(args.pop("method"), args.pop("budget"), args.pop("top_k"),
                                               args.pop("ranking"), **args)
         self.evaluator = BlockwiseDistillation(**self._evaluator_args)
+        self.evaluator.resolved_final_evaluator()  # an import path that does not import fails here, not in trials
         self.library_dir = Path(self._tuner_library_dir) if self._tuner_library_dir else self.evaluator.library_dir
         self._trial_settings = self.evaluator.settings()
         self._ready.append({"task": "distill", "evaluator": self._trial_settings})

@@ -6,27 +6,24 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from ..data.datasets import make_loader
-from ..data.order import BatchOrder
 from ..library import atomic_save
+from ..lightning.options import TrainerOptions, check_trainer_options
 from ..plan.cost import forward_macs
 from .costs import count_params, measure_latency_ms
 from .errors import SearchError
-from .loaded import LoadedLibrary, calib_batches, check_sample, open_library, recalibrate_bn, resolve_device, val_batches
+from .loaded import LoadedLibrary, calib_batches, check_sample, open_library, recalibrate_bn, resolve_device
 
-__all__ = ["FINETUNE_FORMAT", "FinetuneSettings", "FinetuneError", "build_network", "finetune", "evaluate_accuracy",
-           "load_architecture", "architecture_id", "reinitialize"]
+__all__ = ["FINETUNE_FORMAT", "FinetuneSettings", "FinetuneError", "build_network", "finetune", "load_architecture",
+           "architecture_id", "reinitialize", "prepare_network", "network_costs", "LOGS"]
 
 _logger = logging.getLogger(__name__)
 
@@ -34,6 +31,9 @@ FINETUNE_FORMAT = "nni_pipebd.finetune/1"
 _MODES = ("kd", "labels")
 _INITS = ("library", "scratch")
 _OPTIMIZERS = ("adam", "sgd")
+
+LOGS = "logs"
+"""Folder of a library that holds the Lightning logs and checkpoints of finetuning runs (``logs/finetune_<id>``)."""
 
 
 class FinetuneError(RuntimeError):
@@ -66,7 +66,14 @@ class FinetuneSettings:
     calib_batches : int
         Training batches re-estimating BatchNorm statistics of the built network before it is first evaluated.
     seed : int
-        Data order (and the initialisation with ``init: scratch``).
+        Data order, ``seed_everything`` of the Lightning run (and the initialisation with ``init: scratch``).
+    precision : str
+        Lightning precision, e.g. ``32-true`` or ``bf16-mixed`` (see :data:`~nni_pipebd.lightning.options.PRECISIONS`).
+    devices : int
+        Devices finetuning in data parallel (each takes its shard of every global batch).
+    strategy : str
+        Lightning strategy (``auto``: one device, or ``ddp_spawn`` with several; see
+        :data:`~nni_pipebd.lightning.options.STRATEGIES`).
     """
 
     epochs: int = 1
@@ -81,6 +88,9 @@ class FinetuneSettings:
     init: str = "library"
     calib_batches: int = 4
     seed: int = 0
+    precision: str = "32-true"
+    devices: int = 1
+    strategy: str = "auto"
 
     def __post_init__(self) -> None:
         for name, valid in (("mode", _MODES), ("init", _INITS), ("optimizer", _OPTIMIZERS)):
@@ -96,6 +106,14 @@ class FinetuneSettings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise SearchError(f"finetune setting {name} = {value!r} must be an int >= 1 (or None)")
+        problem = check_trainer_options(self.precision, self.devices, self.strategy)
+        if problem:
+            raise SearchError(f"finetune setting {problem}")
+
+    def trainer_options(self, device: str = "cpu") -> TrainerOptions:
+        """Lightning options of finetuning on ``device`` (``auto``, ``cpu`` or ``cuda``)."""
+        return TrainerOptions.for_device(device, devices=self.devices, precision=self.precision,
+                                         strategy=self.strategy)
 
 
 def architecture_id(sample: Mapping[str, Any]) -> str:
@@ -159,22 +177,38 @@ def reinitialize(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
-@torch.no_grad()
-def evaluate_accuracy(model: nn.Module, dataset: Dataset, batch_size: int,
-                      device: torch.device = torch.device("cpu")) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) on the whole of ``dataset``."""
+def prepare_network(library: LoadedLibrary, sample: Mapping[str, Any], settings: FinetuneSettings = FinetuneSettings(),
+                    device: str = "cpu") -> nn.Module:
+    """``sample`` built from the library (re-initialised with ``init: scratch``), its BatchNorm statistics
+    re-estimated on ``settings.calib_batches`` training batches: the network finetuning starts from (on the CPU)."""
+    net = build_network(library, sample)
+    if settings.init == "scratch":
+        reinitialize(net, settings.seed)
+    dev = resolve_device(device)
+    train_set = library.job.dataset
+    batch = settings.batch_size or library.config.data.batch_size
+    calib = [images.to(dev) for images, _ in
+             make_loader(train_set, calib_batches(train_set, batch, settings.seed, settings.calib_batches))]
+    return recalibrate_bn(net.to(dev), calib).cpu()
+
+
+def network_costs(model: nn.Module, shape_in) -> Dict[str, Any]:
+    """``params``, ``flops`` (multiply-accumulates of one sample) and ``latency_ms`` of ``model`` (eval mode)."""
     model.eval()
-    correct = total = 0
-    for images, labels in make_loader(dataset, val_batches(dataset, batch_size, None)):
-        correct += int((model(images.to(device)).argmax(1).cpu() == labels).sum())
-        total += len(labels)
-    return correct / max(total, 1)
+    return {"params": count_params(model), "flops": forward_macs(model, shape_in),
+            "latency_ms": measure_latency_ms(model, shape_in)}
 
 
 def finetune(library: Union[str, Path, LoadedLibrary], sample: Mapping[str, Any],
              settings: FinetuneSettings = FinetuneSettings(), *, out: Union[str, Path, None] = None,
-             save_model: Union[str, Path, None] = None, device: str = "cpu") -> Dict[str, Any]:
-    """Build ``sample`` from the library, finetune it end to end with the teacher, evaluate it on the val split.
+             save_model: Union[str, Path, None] = None, device: str = "cpu",
+             log_dir: Union[str, Path, None] = None) -> Dict[str, Any]:
+    """Build ``sample`` from the library, finetune it end to end with the teacher under Lightning, evaluate it on
+    the val split.
+
+    Training runs as a :class:`~nni_pipebd.lightning.module.ClassifierModule` under a ``pytorch_lightning.Trainer``
+    seeded with ``settings.seed`` (deterministic on the CPU: the same seed gives the same accuracy), with
+    ``settings.precision``, ``settings.devices`` and ``settings.strategy`` passed through.
 
     Parameters
     ----------
@@ -190,13 +224,17 @@ def finetune(library: Union[str, Path, LoadedLibrary], sample: Mapping[str, Any]
         Write the finetuned network's ``state_dict`` there (atomically).
     device : str
         ``cpu``, ``cuda`` or ``auto``.
+    log_dir : str or Path, optional
+        Folder of the Lightning logs (CSV, and TensorBoard when installed) and the checkpoint of the last epoch, in
+        ``finetune_<id>/version_<n>``; default ``library/logs``.
 
     Returns
     -------
     dict
         ``sample``, ``id``, ``settings``, ``student`` (``params``, ``flops``, ``latency_ms``,
         ``val_accuracy_init`` after BN recalibration, ``val_accuracy``), ``teacher`` (the same figures),
-        ``params_ratio`` and ``flops_ratio`` (student / teacher), ``train_losses`` (mean per epoch), ``time_s``.
+        ``params_ratio`` and ``flops_ratio`` (student / teacher), ``train_losses`` (mean per epoch), ``log_dir``,
+        ``time_s``.
 
     Raises
     ------
@@ -205,42 +243,50 @@ def finetune(library: Union[str, Path, LoadedLibrary], sample: Mapping[str, Any]
     FinetuneError
         The loss became non-finite.
     """
+    from ..lightning import ClassificationData, ClassifierModule, DivergedError, fit_classifier, validate_classifier
+
     start = time.perf_counter()
     library = library if isinstance(library, LoadedLibrary) else open_library(library)
-    dev = resolve_device(device)
+    options = settings.trainer_options(device)
     sample = check_sample(library.choices, sample)
-    net = build_network(library, sample)
-    if settings.init == "scratch":
-        reinitialize(net, settings.seed)
+    net = prepare_network(library, sample, settings, device)
     job = library.job
     teacher = nn.Sequential(*copy.deepcopy(job.spec.teacher)).eval().requires_grad_(False)
     shape_in = job.spec.shapes[0][0]
-    batch = settings.batch_size or library.config.data.batch_size
-    train_set, val_set = job.dataset, library.val_dataset()
-    student_costs = _costs(net, shape_in)
-    teacher_costs = _costs(teacher, shape_in)
-    net.to(dev)
-    teacher.to(dev)
-    calib = [images.to(dev) for images, _ in
-             make_loader(train_set, calib_batches(train_set, batch, settings.seed, settings.calib_batches))]
-    recalibrate_bn(net, calib)
-    init_accuracy = evaluate_accuracy(net, val_set, batch, dev)
-    losses = _train(net, teacher, train_set, batch, settings, dev)
-    accuracy = evaluate_accuracy(net, val_set, batch, dev) if settings.epochs else init_accuracy
-    teacher_accuracy = evaluate_accuracy(teacher, val_set, batch, dev)
+    data = ClassificationData(job.dataset, library.val_dataset(), settings.batch_size or library.config.data.batch_size,
+                              settings.seed, settings.max_steps_per_epoch, library.config.data.num_workers)
+    student_costs = network_costs(net, shape_in)
+    teacher_costs = network_costs(teacher, shape_in)
+    init_accuracy = validate_classifier(net, data, options, seed=settings.seed)
+    module = ClassifierModule(net, teacher=teacher if settings.mode == "kd" else None, kd_weight=settings.kd_weight,
+                              temperature=settings.temperature, optimizer=settings.optimizer, lr=settings.lr,
+                              weight_decay=settings.weight_decay, schedule="cosine",
+                              total_steps=settings.epochs * data.steps_per_epoch)
+    arch_id = architecture_id(sample)
+    try:
+        fitted = fit_classifier(module, data, options, epochs=settings.epochs, seed=settings.seed,
+                                log_dir=Path(log_dir) if log_dir is not None else library.directory / LOGS,
+                                name=f"finetune_{arch_id}")
+    except DivergedError as err:
+        raise FinetuneError(f"finetuning {arch_id}: {err}") from err
+    accuracy = fitted.val_accuracy if fitted.val_accuracy is not None else init_accuracy
+    teacher_accuracy = validate_classifier(teacher, data, options, seed=settings.seed)
     result = {
         "format": FINETUNE_FORMAT,
         "library": str(library.directory),
-        "id": architecture_id(sample),
+        "id": arch_id,
         "sample": sample,
         "settings": asdict(settings),
         "student": {**student_costs, "val_accuracy_init": init_accuracy, "val_accuracy": accuracy},
         "teacher": {**teacher_costs, "val_accuracy": teacher_accuracy},
         "params_ratio": student_costs["params"] / max(teacher_costs["params"], 1),
         "flops_ratio": student_costs["flops"] / max(teacher_costs["flops"], 1),
-        "train_losses": losses,
+        "train_losses": fitted.train_losses,
+        "log_dir": fitted.log_dir,
         "time_s": time.perf_counter() - start,
     }
+    if not fitted.is_global_zero:  # another rank of Lightning's ddp: rank 0 logs and writes
+        return result
     _logger.info("architecture %s: val accuracy %.4f (%.4f from the library after BN recalibration; teacher %.4f), "
                  "%d params (%.2fx the teacher's)", result["id"], accuracy, init_accuracy, teacher_accuracy,
                  student_costs["params"], result["params_ratio"])
@@ -249,48 +295,3 @@ def finetune(library: Union[str, Path, LoadedLibrary], sample: Mapping[str, Any]
     if out is not None:
         atomic_save(result, out)
     return result
-
-
-def _costs(model: nn.Module, shape_in) -> Dict[str, Any]:
-    model.eval()
-    return {"params": count_params(model), "flops": forward_macs(model, shape_in),
-            "latency_ms": measure_latency_ms(model, shape_in)}
-
-
-def _train(net: nn.Module, teacher: nn.Module, dataset: Dataset, batch: int, settings: FinetuneSettings,
-           device: torch.device) -> List[float]:
-    order = BatchOrder(len(dataset), min(batch, len(dataset)), settings.seed, settings.max_steps_per_epoch)
-    total_steps = max(1, settings.epochs * order.steps_per_epoch)
-    params = [p for p in net.parameters() if p.requires_grad]
-    if settings.optimizer == "adam":
-        optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=0.9, nesterov=True,
-                                    weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    t = settings.temperature
-    losses = []
-    for epoch in range(settings.epochs):
-        net.train()
-        epoch_loss, steps = 0.0, 0
-        for images, labels in make_loader(dataset, order.batches(epoch)):
-            images, labels = images.to(device), labels.to(device)
-            logits = net(images)
-            loss = F.cross_entropy(logits, labels)
-            if settings.mode == "kd":
-                with torch.no_grad():
-                    target = F.softmax(teacher(images) / t, dim=1)
-                kd = F.kl_div(F.log_softmax(logits / t, dim=1), target, reduction="batchmean") * t * t
-                loss = settings.kd_weight * kd + (1 - settings.kd_weight) * loss
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FinetuneError(f"finetuning loss is {value} at epoch {epoch}, step {steps}; "
-                                    f"lower the learning rate (lr = {settings.lr})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            epoch_loss += value
-            steps += 1
-        losses.append(epoch_loss / max(steps, 1))
-    return losses

@@ -1,4 +1,4 @@
-"""Train and cache a teacher when its checkpoint is absent (small data such as digits)."""
+"""Train and cache a teacher when its checkpoint is absent (small data such as digits), under Lightning."""
 
 from __future__ import annotations
 
@@ -8,15 +8,13 @@ from pathlib import Path
 from typing import Dict
 
 import torch
-import torch.nn.functional as F
 
 from ..config import Config
-from ..data.datasets import build_dataset, make_loader
-from ..data.order import BatchOrder
+from ..data.datasets import build_dataset
 from ..library import atomic_save
 from .teachers import build_teacher
 
-__all__ = ["prepare_teacher", "train_teacher", "evaluate"]
+__all__ = ["prepare_teacher", "train_teacher"]
 
 _logger = logging.getLogger(__name__)
 
@@ -35,37 +33,34 @@ def prepare_teacher(config: Config) -> None:
 
 
 def train_teacher(config: Config, path: Path) -> Dict[str, float]:
-    """Train the configured teacher with cross-entropy on the training split and save its state_dict to ``path``."""
-    t, data = config.model.teacher, config.data
+    """Train the configured teacher with cross-entropy on the training split and save its ``state_dict`` to ``path``.
+
+    Training is a :class:`~nni_pipebd.lightning.module.ClassifierModule` (Adam, one-cycle learning rate up to
+    3e-3, weight decay 1e-4, ``model.teacher.train_epochs`` epochs in the seeded order of ``distill.seed``) under a
+    ``pytorch_lightning.Trainer`` on ``execution.device`` with ``model.teacher.train_precision``, ``train_devices``
+    and ``train_strategy``; its logs and last checkpoint go to ``<path's folder>/logs/teacher_<path's stem>``.
+
+    Returns
+    -------
+    dict
+        ``val_accuracy``: top-1 accuracy on the validation split after the last epoch.
+    """
+    from ..lightning import ClassificationData, ClassifierModule, TrainerOptions, fit_classifier
+
+    t, data, seed = config.model.teacher, config.data, config.distill.seed
+    options = TrainerOptions.for_device(config.execution.device, devices=t.train_devices,
+                                        precision=t.train_precision, strategy=t.train_strategy)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.distill.seed)
-        model = build_teacher(dataclasses.replace(config.model.teacher, checkpoint=None), config.base_dir)
-    train_set = build_dataset(data, config.base_dir, "train")
-    order = BatchOrder(len(train_set), data.batch_size, config.distill.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3,
-                                                    total_steps=t.train_epochs * order.steps_per_epoch)
-    model.train()
-    for epoch in range(t.train_epochs):
-        for images, labels in make_loader(train_set, order.batches(epoch), data.num_workers):
-            loss = F.cross_entropy(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    accuracy = evaluate(model, build_dataset(data, config.base_dir, "val"), data.batch_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(model.state_dict(), path)
-    return {"val_accuracy": accuracy}
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) on ``dataset``."""
-    model.eval()
-    correct = total = 0
-    batches = [torch.arange(i, min(i + batch_size, len(dataset))).numpy() for i in range(0, len(dataset), batch_size)]
-    for images, labels in make_loader(dataset, batches):
-        correct += int((model(images).argmax(1) == labels).sum())
-        total += len(labels)
-    return correct / max(total, 1)
+        torch.manual_seed(seed)
+        model = build_teacher(dataclasses.replace(t, checkpoint=None), config.base_dir)
+    loaders = ClassificationData(build_dataset(data, config.base_dir, "train"),
+                                 build_dataset(data, config.base_dir, "val"), data.batch_size, seed,
+                                 num_workers=data.num_workers)
+    module = ClassifierModule(model, optimizer="adam", lr=3e-3, weight_decay=1e-4, schedule="onecycle",
+                              total_steps=t.train_epochs * loaders.steps_per_epoch)
+    fitted = fit_classifier(module, loaders, options, epochs=t.train_epochs, seed=seed, log_dir=path.parent / "logs",
+                            name=f"teacher_{path.stem}")
+    if fitted.is_global_zero:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    return {"val_accuracy": float(fitted.val_accuracy)}

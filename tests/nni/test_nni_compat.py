@@ -4,6 +4,7 @@ import importlib
 import json
 
 import pytest
+import torch
 
 import nni
 from nni_pipebd.nni import compat
@@ -68,3 +69,19 @@ def test_fresh_trainer_rebuilds_a_traced_trainer():
     assert (evaluator.trainer.state, evaluator.trainer.max_epochs) == ("fresh", 3)
     plain = object()
     assert compat.fresh_trainer(plain) is plain
+
+
+def test_fresh_evaluator_rebuilds_trainer_and_module_and_shares_the_data():
+    from nni.nas.evaluator.pytorch import Classification, ClassificationModule, DataLoader, Lightning, Trainer
+    from torch.utils.data import TensorDataset
+
+    loader = DataLoader(TensorDataset(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)), batch_size=2)
+    for original in (Classification(train_dataloaders=loader, num_classes=2, max_epochs=1, logger=False),
+                     Lightning(ClassificationModule(num_classes=2), Trainer(max_epochs=1, logger=False),
+                               train_dataloaders=loader)):
+        fresh = compat.fresh_evaluator(original)
+        assert isinstance(fresh, Lightning) and type(fresh).__name__ == type(original).__name__ and fresh is not original
+        assert fresh.trainer is not original.trainer and fresh.module is not original.module
+        assert fresh.trainer.max_epochs == 1 and fresh.train_dataloaders is loader
+    plain = object()
+    assert compat.fresh_evaluator(plain) is plain

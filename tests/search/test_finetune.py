@@ -122,3 +122,11 @@ def test_bad_settings():
         FinetuneSettings(mode="soft")
     with pytest.raises(SearchError, match="kd_weight"):
         FinetuneSettings(kd_weight=2.0)
+    with pytest.raises(SearchError, match=r"finetune setting precision = 'fp16' is not valid; choose one of \['32-true'"):
+        FinetuneSettings(precision="fp16")
+    with pytest.raises(SearchError, match="finetune setting devices = 0 must be an int >= 1"):
+        FinetuneSettings(devices=0)
+    with pytest.raises(SearchError, match=r"finetune setting strategy = 'horovod' is not valid; .*'ddp_spawn'"):
+        FinetuneSettings(strategy="horovod")
+    options = FinetuneSettings(precision="bf16-mixed", devices=2, strategy="ddp").trainer_options("cpu")
+    assert (options.accelerator, options.devices, options.precision, options.strategy) == ("cpu", 2, "bf16-mixed", "ddp")
