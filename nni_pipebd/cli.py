@@ -228,7 +228,7 @@ def _int_list(text: str, flag: str) -> List[int]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nni-pipebd", description=__doc__)
     parser.add_argument("-v", "--verbose", "--debug", action="store_true",
-                        help="debug logging, and the full traceback of an error")
+                        help="debug logging, third-party warnings, and the full traceback of an error")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     commands = parser.add_subparsers(dest="command", required=True)
 
