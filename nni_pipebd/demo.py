@@ -101,4 +101,4 @@ def format_summary(summary: Dict[str, Any]) -> str:
     library = Path(summary["out"]) / "library"
     return "\n".join([*(line for line in _summary_lines(summary) if line),
                       *where_to_look(library, library / "trace.json", report=summary["report"]),
-                      f"all outputs: {summary['out']} ({summary['time_s']:.0f} s)"])
+                      f"{'all outputs:':<14} {summary['out']} ({summary['time_s']:.0f} s)"])
