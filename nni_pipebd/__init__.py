@@ -4,6 +4,11 @@ from importlib import import_module
 from typing import Any, List
 
 from .config import Config, ConfigError, load_config
+from .known_warnings import hide_if_asked
+
+# A worker the CLI spawned imports this package first: hide the known third-party warnings before anything imports
+# NNI (its import is what warns), as the CLI did in the lead process (NNI_PIPEBD_WARNINGS=hide, inherited).
+hide_if_asked()
 
 # Everything else loads on first use: importing the package (e.g. NNI's tuner process, which must connect to
 # the NNI manager within 10 s) must not pull in torch.

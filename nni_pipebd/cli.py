@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .executors.stopping import RunStopped  # standard library only: the CLI's imports stay light
+from .known_warnings import command_warnings
 
 __all__ = ["main", "KNOWN_ERRORS", "one_line", "resume_command"]
 
@@ -20,6 +21,7 @@ _logger = logging.getLogger("nni_pipebd")
 def _train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .executors.launch import train
+    from .report.summary import train_summary
 
     config = load_config(args.config)
     execution, distill = {}, {}
@@ -52,12 +54,11 @@ def _train(args: argparse.Namespace) -> int:
                      progress=not args.quiet)
     if manifest is None:  # a torchrun rank other than 0
         return 0
-    final = [round(block["losses"][-1], 6) if block["losses"] else None for block in manifest["blocks"]]
-    _logger.info("block library written to %s (%d blocks, %.1f s); final block losses: %s",
-                 out, manifest["num_blocks"], manifest["wall_time_s"], final)
     if args.json:
         print(json.dumps({"out": str(out), **{k: manifest[k] for k in ("executor", "workers", "num_blocks",
                                                                         "counters", "wall_time_s")}}, indent=2))
+    elif not args.quiet:
+        print(train_summary(manifest, out, trace))
     return 0
 
 
@@ -227,7 +228,7 @@ def _int_list(text: str, flag: str) -> List[int]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nni-pipebd", description=__doc__)
     parser.add_argument("-v", "--verbose", "--debug", action="store_true",
-                        help="debug logging, and the full traceback of an error")
+                        help="debug logging, third-party warnings, and the full traceback of an error")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -368,7 +369,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        with command_warnings(verbose=args.verbose):  # third-party noise hidden unless -v (workers included)
+            return args.func(args)
     except RunStopped as stopped:
         if stopped.resumable and stopped.out_dir:
             _logger.warning("%s; continue with: %s", stopped, resume_command(argv, stopped.out_dir))

@@ -96,5 +96,9 @@ def _summary_lines(summary: Dict[str, Any]) -> list:
 
 def format_summary(summary: Dict[str, Any]) -> str:
     """The summary as the demo prints it."""
-    return "\n".join(line for line in _summary_lines(summary) if line) + \
-        f"\nreport: {summary['report']}\nall outputs: {summary['out']} ({summary['time_s']:.0f} s)"
+    from .report.summary import where_to_look
+
+    library = Path(summary["out"]) / "library"
+    return "\n".join([*(line for line in _summary_lines(summary) if line),
+                      *where_to_look(library, library / "trace.json", report=summary["report"]),
+                      f"{'all outputs:':<14} {summary['out']} ({summary['time_s']:.0f} s)"])

@@ -169,3 +169,57 @@ def test_error_traceback_only_with_debug(tmp_path):
     assert plain.returncode == debug.returncode == 2
     assert "Traceback" not in plain.stderr and "tab.yaml:2:1: invalid YAML" in plain.stderr
     assert "Traceback" in debug.stderr
+
+
+def test_train_output_is_clean_and_verbose_shows_third_party_warnings(tmp_path):
+    """A first run prints our lines only: no third-party warning (lead or spawned workers), each rank's progress line
+    once, and where the results lie; ``-v`` shows NNI's import warnings again."""
+    import subprocess
+    import sys
+    from conftest import tiny_config
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, execution={"executor": "pipebd", "workers": 2}).to_dict()))
+    root = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+
+    def run(*flags):
+        verbose, options = [f for f in flags if f == "-v"], [f for f in flags if f != "-v"]
+        done = subprocess.run([sys.executable, "-m", "nni_pipebd.cli", *verbose, "train", "job.yaml", "--out", "lib",
+                               "--overwrite", *options],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    plain = run()
+    lines = (plain.stdout + plain.stderr).splitlines()
+    assert not [line for line in lines if "Warning" in line or "warnings.warn" in line], plain.stderr
+    assert [line.split(":")[0] for line in plain.stderr.splitlines() if line.startswith("rank ")] == \
+        ["rank 0 stage 0", "rank 1 stage 1"]  # one line per rank (stderr is not a terminal), labelled once
+    assert plain.stdout.startswith("trained 5 blocks with pipebd on 2 workers in ")
+    assert "block library: lib" in plain.stdout and "timeline:      lib/trace.json" in plain.stdout
+    assert "nni-pipebd report lib" in plain.stdout and "nni-pipebd search lib --budget" in plain.stdout
+    verbose = run("-v", "--workers", "1")  # one process: enough to see the filters lifted
+    assert "RuntimeWarning: <class 'torch.nn.parameter.Buffer'> is found to be not a nn.Module" in verbose.stderr
+
+
+def test_known_warnings_hidden_and_others_kept():
+    import warnings
+
+    from nni_pipebd.known_warnings import hide_known_warnings
+
+    def shown(message, category, module):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hide_known_warnings()
+            warnings.warn_explicit(message, category, f"{module.replace('.', '/')}.py", 1, module=module)
+        return len(caught) == 1
+
+    nni_layers = "nni.nas.nn.pytorch.layers"
+    assert not shown("<class 'torch.nn.parameter.Buffer'> is found to be not a nn.Module, which is unexpected.",
+                     RuntimeWarning, nni_layers)
+    assert not shown("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, "pytorch_lightning.utilities")
+    assert not shown("pkg_resources is deprecated as an API", DeprecationWarning, "nni.tools.nnictl")
+    assert shown("something else went wrong", RuntimeWarning, nni_layers)  # NNI's other warnings stay visible
+    assert shown("old API", FutureWarning, "custom_teacher")  # so do the user's own and ours
+    assert shown("old API", FutureWarning, "nni_pipebd.job")

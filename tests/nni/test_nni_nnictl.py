@@ -112,5 +112,11 @@ def test_example_configs_are_valid_nni_configs(example):
     built = BlockwiseTuner(**tuner.class_args, code_dir=canonical.trial_code_directory)
     built.update_search_space({})
     assert canonical.max_trial_number == built.required_trials
-    assert built.evaluator.config.execution.workers == max(1, canonical.trial_gpu_number or 0)
+    execution = built.evaluator.config.execution
+    if canonical.trial_gpu_number:  # GPUs: one per worker, from the trial's CUDA_VISIBLE_DEVICES
+        assert execution.workers == canonical.trial_gpu_number and execution.device in ("cuda", "auto")
+    else:  # the CPU: NNI hides every GPU from a trial with trialGpuNumber 0 (CUDA_VISIBLE_DEVICES='')
+        assert execution.device in ("cpu", "auto") and built.evaluator.device in ("cpu", "auto")
+    if example == "digits":  # the quick example runs Pipe-BD itself, on CPU worker processes
+        assert (execution.executor, execution.workers, execution.device) == ("pipebd", 2, "cpu")
     assert Path(canonical.trial_code_directory) == path.parent
