@@ -298,6 +298,13 @@ class ExecutionConfig:
         balance ``pipebd`` stages and ``ls`` assignments; default: estimated from multiply-accumulates.
     checkpoint_every : int, optional
         Write a resumable checkpoint of every stage after this many steps (``train --resume`` continues).
+    precision : str
+        ``fp32``; ``bf16`` (teacher forwards and student forward + loss under bfloat16 autocast, weights and
+        optimizer in fp32; relayed activations travel in the dtype the teacher produced them, half the bytes);
+        ``fp16`` (the same with float16 and a loss scaler per block; CUDA only).
+    channels_last : bool
+        Teacher and student blocks and the activations they take in ``torch.channels_last`` memory format
+        (faster convolutions on tensor-core GPUs).
     """
 
     executor: str = "reference"
@@ -314,6 +321,8 @@ class ExecutionConfig:
     memory_limit_mb: Optional[float] = None
     block_costs: Optional[list] = None
     checkpoint_every: Optional[int] = None
+    precision: str = "fp32"
+    channels_last: bool = False
 
 
 @dataclass
@@ -421,6 +430,7 @@ _CHOICES = {
     "distill.until": ("epochs", "plateau"),
     "execution.backend": ("auto", "gloo", "nccl"),
     "execution.device": ("auto", "cpu", "cuda"),
+    "execution.precision": ("fp32", "bf16", "fp16"),
 }
 _DATA_NAMES = ("digits", "synthetic", "cifar10", "imagefolder")
 _POSITIVE = (
@@ -473,6 +483,9 @@ def validate(config: Config) -> None:
     if config.execution.plan is not None and config.execution.boundaries is not None:
         raise ConfigError(f"execution.plan = {config.execution.plan!r} and execution.boundaries = "
                           f"{config.execution.boundaries!r} both set; a plan fixes the stages, give one of them")
+    if config.execution.precision == "fp16" and config.execution.device == "cpu":
+        raise ConfigError("execution.precision = 'fp16' needs CUDA, but execution.device = 'cpu'; use precision: "
+                          "bf16 (or fp32) on CPU, or device: cuda")
     if config.execution.memory_limit_mb is not None and config.execution.memory_limit_mb <= 0:
         raise ConfigError(f"execution.memory_limit_mb = {config.execution.memory_limit_mb} must be > 0")
     if not 0 <= config.distill.min_improvement < 1:

@@ -26,7 +26,7 @@ from ..report.progress import ProgressBars, ProgressWriter
 from ..report.trace import Tracer, busy_fraction, write_chrome_trace
 from .base import WorkerContext, WorkerReport, get_executor, rss_mb
 from .checkpoint import CHECKPOINTS, CheckpointError
-from .processes import WorkerError, join_group, resolve_device, run_processes
+from .processes import WorkerError, device_kind, join_group, resolve_device, run_processes
 from .stopping import LeadSignals, RunStopped, StopControl, die_with_parent, forget_parent, worker_signals
 
 __all__ = ["train", "WorkerError", "RunStopped", "under_torchrun"]
@@ -96,6 +96,7 @@ def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
     executor_cls = get_executor(config.execution.executor)
     world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else config.execution.workers
     executor_cls(config).check(world)
+    device_kind(config)  # a precision the device cannot run fails here, before any worker starts
     out_dir = Path(out_dir)
     rank = int(os.environ.get("RANK", 0)) if under_torchrun() else 0
     trace = None if trace is None else str(trace)
