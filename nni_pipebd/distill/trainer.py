@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -135,7 +136,9 @@ class BlockTrainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first update (overflow, non-finite loss) is deliberate
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
         self.steps += 1
         return applied
 
