@@ -305,6 +305,10 @@ class ExecutionConfig:
     channels_last : bool
         Teacher and student blocks and the activations they take in ``torch.channels_last`` memory format
         (faster convolutions on tensor-core GPUs).
+    deterministic : bool
+        Deterministic kernels in every worker (``torch.use_deterministic_algorithms``, cuDNN deterministic, no
+        autotuning; ``CUBLAS_WORKSPACE_CONFIG`` set if unset): on a GPU, what makes layouts bitwise equal run to
+        run, at some speed. CPU kernels are deterministic already.
     """
 
     executor: str = "reference"
@@ -323,6 +327,7 @@ class ExecutionConfig:
     checkpoint_every: Optional[int] = None
     precision: str = "fp32"
     channels_last: bool = False
+    deterministic: bool = False
 
 
 @dataclass

@@ -104,14 +104,15 @@ def test_load_config_names_file_of_bad_yaml(tmp_path, text, match):
 
 def test_fp16_needs_cuda(tmp_path):
     """fp16 autocast needs a GPU: refused in the config with device: cpu, at run time when auto finds none."""
-    with pytest.raises(ConfigError, match=r"execution\.precision = 'fp16' needs CUDA, but execution\.device = 'cpu'; "
-                                          r"use precision: bf16"):
-        Config.from_dict({"execution": {"precision": "fp16", "device": "cpu"}})
-    Config.from_dict({"execution": {"precision": "fp16", "device": "cuda"}})  # a GPU machine's job file loads anywhere
-    if torch.cuda.is_available():
-        pytest.skip("auto resolves to CUDA here")
     from conftest import tiny_config
     from nni_pipebd.executors.launch import train
+
+    with pytest.raises(ConfigError, match=r"execution\.precision = 'fp16' needs CUDA, but execution\.device = 'cpu'; "
+                                          r"use precision: bf16"):
+        tiny_config(tmp_path, execution={"precision": "fp16", "device": "cpu"})
+    tiny_config(tmp_path, execution={"precision": "fp16", "device": "cuda"})  # a GPU machine's job file loads anywhere
+    if torch.cuda.is_available():
+        pytest.skip("auto resolves to CUDA here")
 
     with pytest.raises(ValueError, match=r"execution\.precision = 'fp16' needs CUDA, but execution\.device = 'auto' "
                                          r"\(no GPU visible\) gives cpu; use precision: bf16 \(or fp32\) on CPU"):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Optional, Sequence
+from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -17,7 +17,7 @@ from ..config import Config
 from ..precision import check_precision
 from .stopping import RunStopped, die_with_parent, ignored_signals
 
-__all__ = ["WorkerError", "resolve_device", "device_kind", "join_group", "run_processes"]
+__all__ = ["WorkerError", "resolve_device", "device_kind", "deterministic_kernels", "join_group", "run_processes"]
 
 
 class WorkerError(RuntimeError):
@@ -50,6 +50,30 @@ def device_kind(config: Config) -> str:
         where = "execution.device = 'auto'" + ("" if kind == "cuda" else " (no GPU visible)")
     check_precision(config.execution.precision, kind, where)
     return kind
+
+
+@contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """While inside: deterministic kernels (``execution.deterministic``); the previous settings come back after.
+
+    Kernels without a deterministic implementation warn instead of failing (``warn_only``); cuBLAS needs
+    ``CUBLAS_WORKSPACE_CONFIG`` before its first use in the process, so it is set here only if unset (a launcher
+    that runs CUDA work before training should export it).
+    """
+    if not enabled:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.deterministic, cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
 
 
 def join_group(rank: int, world: int, device: torch.device, backend: str, init_method: str,

@@ -20,10 +20,10 @@ def test_losses_average_over_samples():
         get_loss("kl")
 
 
-def make(config, steps=20, precision="fp32"):
+def make(config, steps=20, precision="fp32", device="cpu"):
     torch.manual_seed(0)
     block = BlockSupernet(DnaBlock(0, BlockGeometry(4, 4, 1, 2), kernels=(3,), expansions=(2, 3)), 0)
-    return BlockTrainer(0, block, config, steps, precision)
+    return BlockTrainer(0, block.to(device), config, steps, precision)
 
 
 def test_training_reduces_loss_and_samples_paths():
@@ -118,3 +118,25 @@ def test_fp32_has_no_scaler_and_unknown_precision_is_named():
     assert make(DistillConfig()).full_state()["scaler"] is None
     with pytest.raises(ValueError, match=r"unknown precision 'fp8'; choose one of \['fp32', 'bf16', 'fp16'\]"):
         make(DistillConfig(), precision="fp8")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_amp_on_cuda_tracks_fp32(precision):
+    """The CUDA autocast path (not measured on a GPU when written: the tolerances are the CPU test's, loosened 2x;
+    the CUDA fp32 reference itself may use TF32)."""
+    x, y = (t.cuda() for t in _target())
+    config = DistillConfig(optimizer="sgd", lr=0.05)
+    fp32, amp = make(config, device="cuda"), make(config, precision=precision, device="cuda")
+    if precision == "fp16":
+        assert amp.scaler is not None and amp.full_state()["scaler"]["scale"] == 2.0 ** 16
+        amp.scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 8)  # no overflow: every step is applied
+    else:
+        assert amp.scaler is None
+    start = _flat(fp32)
+    for _ in range(5):
+        a, b = fp32.step(x, y), amp.step(x, y)
+        assert b == pytest.approx(a, rel=1e-2)
+    error = ((_flat(amp) - start - (_flat(fp32) - start)).norm() / (_flat(fp32) - start).norm()).item()
+    assert error < 0.2, error
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in amp.student.parameters())

@@ -99,6 +99,32 @@ def test_channels_last_pipebd_is_bitwise_channels_last_reference(tmp_path):
     assert [b["losses"] for b in pipe_manifest["blocks"]] == [b["losses"] for b in manifest["blocks"]]
 
 
+CUDA = {"device": "cuda", "deterministic": True}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,channels_last", [("fp32", False), ("bf16", False), ("fp16", False),
+                                                     ("bf16", True)])
+def test_one_worker_on_cuda_is_bitwise_reference(tmp_path, precision, channels_last):
+    """AMP on CUDA: the in-process reference and a one-worker pipebd (its own process, NCCL) agree bitwise."""
+    execution = {**CUDA, "precision": precision, "channels_last": channels_last}
+    ref, manifest = run(tmp_path, "ref", execution=execution)
+    pipe, pipe_manifest = run(tmp_path, "pipe", execution={**execution, "executor": "pipebd", "workers": 1})
+    assert_same_blocks(ref, pipe, 5, exact=True)
+    assert [b["losses"] for b in pipe_manifest["blocks"]] == [b["losses"] for b in manifest["blocks"]]
+
+
+@pytest.mark.gpu(devices=2)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nccl_relays_on_cuda_are_bitwise_reference(tmp_path, precision):
+    """Relays between two GPUs over NCCL (bf16: in bf16) change nothing."""
+    execution = {**CUDA, "precision": precision}
+    ref, manifest = run(tmp_path, "ref", execution=execution)
+    pipe, pipe_manifest = run(tmp_path, "pipe", execution={**execution, "executor": "pipebd", "workers": 2})
+    assert_same_blocks(ref, pipe, 5, exact=True)
+    assert [b["losses"] for b in pipe_manifest["blocks"]] == [b["losses"] for b in manifest["blocks"]]
+
+
 @pytest.mark.parametrize("workers", [2, 3])
 def test_pipebd_fixed_student_is_bitwise_reference(tmp_path, workers):
     student = {"kind": "fixed", "path": "k3e2"}
