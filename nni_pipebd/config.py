@@ -309,6 +309,17 @@ class ExecutionConfig:
         balance ``pipebd`` stages and ``ls`` assignments; default: estimated from multiply-accumulates.
     checkpoint_every : int, optional
         Write a resumable checkpoint of every stage after this many steps (``train --resume`` continues).
+    precision : str
+        ``fp32``; ``bf16`` (teacher forwards and student forward + loss under bfloat16 autocast, weights and
+        optimizer in fp32; relayed activations travel in the dtype the teacher produced them, half the bytes);
+        ``fp16`` (the same with float16 and a loss scaler per block; CUDA only).
+    channels_last : bool
+        Teacher and student blocks and the activations they take in ``torch.channels_last`` memory format
+        (faster convolutions on tensor-core GPUs).
+    deterministic : bool
+        Deterministic kernels in every worker (``torch.use_deterministic_algorithms``, cuDNN deterministic, no
+        autotuning; ``CUBLAS_WORKSPACE_CONFIG`` set if unset): on a GPU, what makes layouts bitwise equal run to
+        run, at some speed. CPU kernels are deterministic already.
     """
 
     executor: str = "reference"
@@ -325,6 +336,9 @@ class ExecutionConfig:
     memory_limit_mb: Optional[float] = None
     block_costs: Optional[list] = None
     checkpoint_every: Optional[int] = None
+    precision: str = "fp32"
+    channels_last: bool = False
+    deterministic: bool = False
 
 
 @dataclass
@@ -432,6 +446,7 @@ _CHOICES = {
     "distill.until": ("epochs", "plateau"),
     "execution.backend": ("auto", "gloo", "nccl"),
     "execution.device": ("auto", "cpu", "cuda"),
+    "execution.precision": ("fp32", "bf16", "fp16"),
 }
 _DATA_NAMES = ("digits", "synthetic", "cifar10", "imagefolder")
 _POSITIVE = (
@@ -484,6 +499,9 @@ def validate(config: Config) -> None:
     if config.execution.plan is not None and config.execution.boundaries is not None:
         raise ConfigError(f"execution.plan = {config.execution.plan!r} and execution.boundaries = "
                           f"{config.execution.boundaries!r} both set; a plan fixes the stages, give one of them")
+    if config.execution.precision == "fp16" and config.execution.device == "cpu":
+        raise ConfigError("execution.precision = 'fp16' needs CUDA, but execution.device = 'cpu'; use precision: "
+                          "bf16 (or fp32) on CPU, or device: cuda")
     if config.execution.memory_limit_mb is not None and config.execution.memory_limit_mb <= 0:
         raise ConfigError(f"execution.memory_limit_mb = {config.execution.memory_limit_mb} must be > 0")
     if not 0 <= config.distill.min_improvement < 1:

@@ -57,12 +57,14 @@ class Job:
         """Optimizer steps of each block over the whole run."""
         return self.config.distill.epochs * self.order.steps_per_epoch
 
-    def loader(self, epoch: int, rank: int = 0, world: int = 1, start_step: int = 0) -> Iterator[Tuple[Tensor, Tensor]]:
-        """``(images, labels)`` of every step of ``epoch``: the whole batch, or this rank's contiguous shard."""
+    def loader(self, epoch: int, rank: int = 0, world: int = 1, start_step: int = 0,
+               pin_memory: bool = False) -> Iterator[Tuple[Tensor, Tensor]]:
+        """``(images, labels)`` of every step of ``epoch``: the whole batch, or this rank's contiguous shard
+        (in pinned host memory with ``pin_memory``, for asynchronous copies to a GPU)."""
         batches = self.order.batches(epoch, start_step)
         if world > 1:
             batches = (shard(batch, rank, world) for batch in batches)
-        return iter(make_loader(self.dataset, batches, self.config.data.num_workers))
+        return iter(make_loader(self.dataset, batches, self.config.data.num_workers, pin_memory))
 
 
 def probe_teacher(config: Config, weights: bool = True) -> Tuple[Dataset, Tensor, torch.nn.Module]:

@@ -44,6 +44,18 @@ def tiny_config(tmp_path=None, **sections) -> Config:
     return Config.from_dict(raw, tmp_path or ".")
 
 
+def pytest_runtest_setup(item):
+    """``@pytest.mark.gpu`` (``devices=n``: at least n GPUs) skips cleanly where CUDA or the GPUs are missing."""
+    marker = item.get_closest_marker("gpu")
+    if marker is None:
+        return
+    needed = marker.kwargs.get("devices", 1)
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA (marked gpu)")
+    if torch.cuda.device_count() < needed:
+        pytest.skip(f"needs {needed} GPUs, {torch.cuda.device_count()} visible (marked gpu)")
+
+
 @pytest.fixture
 def tiny():
     return tiny_config

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from nni_pipebd.config import Config, ConfigError, load_config
 
@@ -46,6 +47,8 @@ def test_wrong_type_names_key_and_types():
     ("model", "teacher", {"train_devices": 0}, r"model\.teacher\.train_devices = 0 must be an int >= 1"),
     ("model", "teacher", {"train_strategy": "dp"}, r"model\.teacher\.train_strategy = 'dp' is not valid; .*'ddp_spawn'"),
     ("model", "teacher", {"train_epochs": 0}, r"model\.teacher\.train_epochs = 0 must be > 0"),
+    ("execution", "precision", "fp8", r"execution\.precision = 'fp8'.*'fp32', 'bf16', 'fp16'"),
+    ("execution", "channels_last", "yes", r"execution\.channels_last = 'yes' has type str"),
 ])
 def test_bad_values(section, key, value, match):
     with pytest.raises(ConfigError, match=match):
@@ -102,3 +105,21 @@ def test_load_config_names_file_of_bad_yaml(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match) as err:
         load_config(path)
     assert "\n" not in str(err.value)
+
+
+def test_fp16_needs_cuda(tmp_path):
+    """fp16 autocast needs a GPU: refused in the config with device: cpu, at run time when auto finds none."""
+    from conftest import tiny_config
+    from nni_pipebd.executors.launch import train
+
+    with pytest.raises(ConfigError, match=r"execution\.precision = 'fp16' needs CUDA, but execution\.device = 'cpu'; "
+                                          r"use precision: bf16"):
+        tiny_config(tmp_path, execution={"precision": "fp16", "device": "cpu"})
+    tiny_config(tmp_path, execution={"precision": "fp16", "device": "cuda"})  # a GPU machine's job file loads anywhere
+    if torch.cuda.is_available():
+        pytest.skip("auto resolves to CUDA here")
+
+    with pytest.raises(ValueError, match=r"execution\.precision = 'fp16' needs CUDA, but execution\.device = 'auto' "
+                                         r"\(no GPU visible\) gives cpu; use precision: bf16 \(or fp32\) on CPU"):
+        train(tiny_config(tmp_path, execution={"precision": "fp16"}), tmp_path / "run")
+    assert not (tmp_path / "run" / "library.json").exists()

@@ -243,7 +243,7 @@ def _build_user_data(config: "DataConfig", base_dir: Union[str, Path], split: st
 
 
 def make_loader(dataset: Dataset, batches: Iterable[np.ndarray],
-                num_workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+                num_workers: int = 0, pin_memory: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
     """Load the given batches of sample indices, in order.
 
     In-memory data sets (with ``tensors = (images, labels)``, e.g.
@@ -260,6 +260,9 @@ def make_loader(dataset: Dataset, batches: Iterable[np.ndarray],
         Index batches, e.g. ``BatchOrder.batches(epoch)`` or a :func:`shard` of each.
     num_workers : int
         Loader worker processes (0: load in this process).
+    pin_memory : bool
+        Yield batches in page-locked host memory, so that ``.to(cuda_device, non_blocking=True)`` copies them
+        asynchronously (only where CUDA is available; elsewhere there is no pinned memory and this is ignored).
 
     Yields
     ------
@@ -273,21 +276,24 @@ def make_loader(dataset: Dataset, batches: Iterable[np.ndarray],
     """
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers = {num_workers!r} must be an int >= 0 (0 loads in this process)")
+    pin_memory = bool(pin_memory) and torch.cuda.is_available()
     tensors = getattr(dataset, "tensors", None)
     if num_workers == 0 and isinstance(tensors, (tuple, list)) and len(tensors) == 2:
-        return _index_tensors(tensors[0], tensors[1], batches)
+        return _index_tensors(tensors[0], tensors[1], batches, pin_memory)
     index_lists = [np.asarray(b).astype(np.int64).tolist() for b in batches]
     if not index_lists:
         return iter(())
-    loader = DataLoader(dataset, batch_sampler=index_lists, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_sampler=index_lists, num_workers=num_workers, pin_memory=pin_memory)
     return ((images, labels) for images, labels in loader)
 
 
-def _index_tensors(images: Tensor, labels: Tensor, batches: Iterable[np.ndarray]) -> Iterator[tuple[Tensor, Tensor]]:
+def _index_tensors(images: Tensor, labels: Tensor, batches: Iterable[np.ndarray],
+                   pin_memory: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
     """The fast path of :func:`make_loader`: index in-memory tensors."""
     for batch in batches:
         idx = torch.as_tensor(np.asarray(batch), dtype=torch.int64)
-        yield images[idx], labels[idx].to(torch.int64)
+        x, y = images[idx], labels[idx].to(torch.int64)
+        yield (x.pin_memory(), y.pin_memory()) if pin_memory else (x, y)
 
 
 def _resolve_root(config: "DataConfig", base_dir: Union[str, Path]) -> Path:

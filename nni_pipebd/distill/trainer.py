@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from ..config import DistillConfig
+from ..precision import autocast, autocast_dtype, needs_scaler
 from .loss import get_loss
 from .sampler import PathSampler
 
@@ -41,10 +43,18 @@ class BlockTrainer:
         Loss, optimizer, schedule, paths per step, seed.
     total_steps : int
         Steps this block will take (length of the cosine schedule).
+    precision : str
+        ``fp32``, ``bf16`` or ``fp16`` (``execution.precision``): the student's forward and the loss run under
+        that autocast on the input's device (the loss itself in fp32), backward outside it; weights and optimizer
+        stay fp32. ``fp16`` scales the loss with a ``torch.amp.GradScaler`` whose state is part of
+        :meth:`full_state`.
     """
 
-    def __init__(self, index: int, student: nn.Module, config: DistillConfig, total_steps: int):
+    def __init__(self, index: int, student: nn.Module, config: DistillConfig, total_steps: int,
+                 precision: str = "fp32"):
+        autocast_dtype(precision)  # a clear error for an unknown name
         self.index = index
+        self.precision = precision
         self.student = student.train()
         self.config = config
         self.loss_fn = get_loss(config.loss)
@@ -62,6 +72,10 @@ class BlockTrainer:
                 self.optimizer, T_max=max(1, total_steps))
         else:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
+        self.scaler: Optional[torch.amp.GradScaler] = None
+        if needs_scaler(precision):
+            kind = next((p.device.type for p in params), "cuda")
+            self.scaler = torch.amp.GradScaler(kind)
         self.steps = 0
         self.skipped = 0
         self._buffers: List[torch.Tensor] = []
@@ -72,7 +86,9 @@ class BlockTrainer:
 
         A data-parallel rank holding n of the batch's B samples passes ``scale = n / B``: its gradients are
         then its exact share of the whole batch's (BatchNorm synchronisation included) and sum over the
-        group. Returns the scaled loss (detached).
+        group. Returns the scaled loss (detached), never multiplied by the fp16 loss scale (the gradients are:
+        :meth:`apply` unscales them, so a data-parallel group all-reduces them scaled and every rank's scaler sees
+        the same overflow).
         """
         self.optimizer.zero_grad(set_to_none=True)
         if self.config.on_nonfinite == "skip":  # a skipped batch must not leave its BatchNorm statistics behind
@@ -86,8 +102,10 @@ class BlockTrainer:
             if path:
                 self.student.set_path(path)
             self.last_paths.append(path)
-            loss = self.loss_fn(self.student(x), target)
-            (loss * factor if factor != 1.0 else loss).backward()
+            with autocast(self.precision, x.device):
+                loss = self.loss_fn(self.student(x).float(), target.float())  # fp32 no-ops without autocast
+            scaled = loss * factor if factor != 1.0 else loss
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total = total + loss.detach()
         return total * factor if factor != 1.0 else total
 
@@ -113,9 +131,14 @@ class BlockTrainer:
                     buffer.copy_(saved)
             self.skipped += 1
             applied = False
+        elif self.scaler is not None:  # unscales, skips the step on inf/NaN gradients, adapts the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first update (overflow, non-finite loss) is deliberate
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
         self.steps += 1
         return applied
 
@@ -133,10 +156,11 @@ class BlockTrainer:
         return self.student.state_dict()
 
     def full_state(self) -> dict:
-        """Everything needed to continue exactly: weights, optimizer, schedule, path sampler, step count."""
+        """Everything needed to continue exactly: weights, optimizer, schedule, path sampler, step count and the
+        fp16 loss scaler (``None`` without one)."""
         return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(), "steps": self.steps,
-                "skipped": self.skipped}
+                "skipped": self.skipped, "scaler": None if self.scaler is None else self.scaler.state_dict()}
 
     def load_full_state(self, state: dict) -> None:
         """Restore :meth:`full_state`."""
@@ -146,3 +170,8 @@ class BlockTrainer:
         self.sampler.load_state_dict(state["sampler"])
         self.steps = int(state["steps"])
         self.skipped = int(state["skipped"])
+        if self.scaler is not None:
+            if state.get("scaler") is None:
+                raise ValueError(f"block {self.index}: the saved state has no fp16 loss scaler (it was trained at "
+                                 "another execution.precision); resume with the precision it was trained at")
+            self.scaler.load_state_dict(state["scaler"])

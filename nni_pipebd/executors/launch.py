@@ -26,7 +26,8 @@ from ..report.progress import ProgressBars, ProgressWriter
 from ..report.trace import Tracer, busy_fraction, write_chrome_trace
 from .base import WorkerContext, WorkerReport, get_executor, rss_mb
 from .checkpoint import CHECKPOINTS, CheckpointError
-from .processes import WorkerError, join_group, resolve_device, run_processes
+from .processes import (WorkerError, deterministic_kernels, device_kind, join_group, resolve_device,
+                        run_processes)
 from .stopping import LeadSignals, RunStopped, StopControl, die_with_parent, forget_parent, worker_signals
 
 __all__ = ["train", "WorkerError", "RunStopped", "under_torchrun"]
@@ -96,6 +97,7 @@ def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
     executor_cls = get_executor(config.execution.executor)
     world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else config.execution.workers
     executor_cls(config).check(world)
+    device_kind(config)  # a precision the device cannot run fails here, before any worker starts
     out_dir = Path(out_dir)
     rank = int(os.environ.get("RANK", 0)) if under_torchrun() else 0
     trace = None if trace is None else str(trace)
@@ -258,6 +260,8 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
         if not options.get("spawned"):  # torchrun: it forwards SIGINT / SIGTERM to every worker, rank 0 decides
             die_with_parent()
             worker_signals(stop, ignore_sigint=False)
+    kernels = deterministic_kernels(config.execution.deterministic)
+    kernels.__enter__()
     try:
         start = time.perf_counter()
         job = build_job(config)
@@ -296,6 +300,7 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
             _write_library(out_dir, config, world, job.num_blocks, reports, time.perf_counter() - start, job)
             shutil.rmtree(Path(out_dir) / CHECKPOINTS, ignore_errors=True)  # the library is complete
     finally:
+        kernels.__exit__(None, None, None)
         if group is not None:
             dist.destroy_process_group()
         torch.set_num_threads(previous_threads)

@@ -5,18 +5,19 @@ from __future__ import annotations
 import datetime
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Optional, Sequence
+from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..config import Config
+from ..precision import check_precision
 from .stopping import RunStopped, die_with_parent, ignored_signals
 
-__all__ = ["WorkerError", "resolve_device", "join_group", "run_processes"]
+__all__ = ["WorkerError", "resolve_device", "device_kind", "deterministic_kernels", "join_group", "run_processes"]
 
 
 class WorkerError(RuntimeError):
@@ -24,10 +25,11 @@ class WorkerError(RuntimeError):
 
 
 def resolve_device(config: Config, local_rank: int = 0) -> torch.device:
-    """The device of the worker with ``local_rank`` (``execution.device``; ``auto``: CUDA when present)."""
-    kind = config.execution.device
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    """The device of the worker with ``local_rank`` (``execution.device``; ``auto``: CUDA when present).
+
+    Raises ``ValueError`` when ``execution.precision`` cannot run there (``fp16`` with ``auto`` resolved to CPU).
+    """
+    kind = device_kind(config)
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("execution.device = 'cuda' but CUDA is not available; use device: cpu or auto")
@@ -37,6 +39,41 @@ def resolve_device(config: Config, local_rank: int = 0) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def device_kind(config: Config) -> str:
+    """``cuda`` or ``cpu``: what ``execution.device`` resolves to here (no side effects), its precision checked."""
+    kind = config.execution.device
+    where = "execution.device = 'cuda'" if kind == "cuda" else "execution.device = 'cpu'"
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+        where = "execution.device = 'auto'" + ("" if kind == "cuda" else " (no GPU visible)")
+    check_precision(config.execution.precision, kind, where)
+    return kind
+
+
+@contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """While inside: deterministic kernels (``execution.deterministic``); the previous settings come back after.
+
+    Kernels without a deterministic implementation warn instead of failing (``warn_only``); cuBLAS needs
+    ``CUBLAS_WORKSPACE_CONFIG`` before its first use in the process, so it is set here only if unset (a launcher
+    that runs CUDA work before training should export it).
+    """
+    if not enabled:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.deterministic, cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
 
 
 def join_group(rank: int, world: int, device: torch.device, backend: str, init_method: str,

@@ -11,6 +11,7 @@ from ..distill.convergence import plateaued
 from ..distill.trainer import BlockTrainer
 from ..job import Job
 from ..plan.plan import Phase, Placement, Plan, RankRoutes
+from ..precision import autocast, formatted, memory_format, wire_dtype
 from .base import BlockReport, WorkerContext, WorkerReport, stage_state
 from .comm import FlagReceiver, FlagSender, Receiver, Sender, allreduce_gradients
 from .faults import inject
@@ -128,17 +129,23 @@ class _Run:
         ctx, job, tracer = self.ctx, self.job, self.ctx.tracer
         execution, device, spec, distill = job.config.execution, ctx.device, job.spec, job.config.distill
         own = self.plan.routes(phase, ctx.rank, self.batch)
+        precision, channels_last = execution.precision, execution.channels_last
+        layout = memory_format(channels_last)
+        linked = own.relay_in or own.relay_out or own.feeds_out or any(v is not None for v in own.feeds_in.values())
+        # what relayed tensors hold, probed before the teacher forwards are counted
+        dtypes = spec.dtypes(device, precision, channels_last) if linked else None
         teacher = {}
         if own.relay is not None:
-            teacher = {i: spec.teacher[i].to(device) for i in phase.relays[own.relay].blocks}
+            teacher = {i: spec.teacher[i].to(device, memory_format=layout) for i in phase.relays[own.relay].blocks}
         trainers: Dict[int, BlockTrainer] = {}
         scales: Dict[int, float] = {}
         for placement in own.students:
-            student = spec.student[placement.block].to(device)
+            student = spec.student[placement.block].to(device, memory_format=layout)
             group = self.groups.get(tuple(sorted(placement.ranks)))
             if group is not None and execution.sync_bn:
                 student = convert_sync_batchnorm(student, group, device.type)
-            trainers[placement.block] = BlockTrainer(placement.block, student, distill, job.steps_per_block)
+            trainers[placement.block] = BlockTrainer(placement.block, student, distill, job.steps_per_block,
+                                                     precision)
             lo, hi = placement.rows(self.batch, ctx.rank)
             scales[placement.block] = (hi - lo) / self.batch if group is not None else 1.0
             self.report.blocks.setdefault(placement.block, BlockReport())
@@ -161,12 +168,13 @@ class _Run:
                 if links is None or plateau:  # with plateau the links end with the epoch (the phase may shrink)
                     span = self.steps - skip if plateau else epochs * self.steps - done
                     relay = active.relays[routes.relay] if routes.relay is not None else None
-                    links = _Links(ctx, job, active, routes, span, relay)
+                    links = _Links(ctx, job, active, routes, span, relay, dtypes)
                 training = {b: trainers[b] for b in sorted(trainers) if b not in self.converged}
                 placements = [p for p in routes.students if p.block in training]
                 source = None
                 if relay is not None and routes.relay == 0:
-                    source = iter(job.loader(epoch, relay.ranks.index(ctx.rank), len(relay.ranks), skip))
+                    source = iter(job.loader(epoch, relay.ranks.index(ctx.rank), len(relay.ranks), skip,
+                                             pin_memory=device.type == "cuda"))
                 for _ in range(skip, self.steps):
                     last = ctx.stop.poll(leader=ctx.rank == active.leader)
                     inject(ctx.rank, base + done)
@@ -175,15 +183,15 @@ class _Run:
                     if relay is not None:
                         if source is not None:
                             with tracer.span("data"):
-                                x = next(source)[0].to(device)
+                                x = formatted(next(source)[0].to(device, non_blocking=True), channels_last)
                             self.report.count("samples_loaded", len(x))
                         else:
                             with tracer.span("recv"):
                                 x, flag = links.receive_relay()
                             last = last or flag
-                        with tracer.span("teacher"), torch.no_grad():
+                        with tracer.span("teacher"), torch.no_grad(), autocast(precision, device):
                             for i in relay.blocks:
-                                y = teacher[i](x)
+                                y = formatted(teacher[i](x), channels_last)
                                 pairs[i] = (x, y)
                                 x = y
                         with tracer.span("send"):
@@ -302,18 +310,19 @@ class _Links:
     """This rank's messages in one phase: the relay in and out, the feeds of students trained elsewhere, and the
     leader's stop decision where no other message would carry it in time."""
 
-    def __init__(self, ctx: WorkerContext, job: Job, phase: Phase, routes: RankRoutes, steps: int, relay):
+    def __init__(self, ctx: WorkerContext, job: Job, phase: Phase, routes: RankRoutes, steps: int, relay,
+                 dtypes: Optional[List[Tuple[torch.dtype, torch.dtype]]]):
         execution, spec, device = job.config.execution, job.spec, ctx.device
         depth, timeout, group = execution.queue_depth, ctx.timeout, ctx.group
         self.rank, self.routes, self.phase, self.relay = ctx.rank, routes, phase, relay
         self.batch = job.config.data.batch_size
-        dtype = spec.sample.dtype
+        self.dtypes, self.channels_last = dtypes, execution.channels_last
         lo, hi = routes.rows
         self.relay_in = self.relay_out = None
         if routes.relay_in:
             self.relay_in = Receiver([(src, a - lo, b - lo) for src, a, b in routes.relay_in],
-                                     (hi - lo,) + tuple(spec.shapes[relay.start][0]), dtype, device, depth, steps,
-                                     timeout, group)
+                                     (hi - lo,) + tuple(spec.shapes[relay.start][0]), dtypes[relay.start][0], device,
+                                     depth, steps, timeout, group)
         if routes.relay_out:
             self.relay_out = Sender([(dst, a - lo, b - lo) for dst, a, b in routes.relay_out], depth, timeout, group)
         self.feeds_out: Dict[int, Sender] = {}
@@ -330,8 +339,8 @@ class _Links:
             width = _numel(shape_in) + _numel(shape_out)
             remote = [(src, a - p_lo, b - p_lo) for src, a, b in sources if src != ctx.rank]
             local = [(a, b) for src, a, b in sources if src == ctx.rank]
-            receiver = Receiver(remote, (p_hi - p_lo, width), dtype, device, depth, steps, timeout, group,
-                                tag=_feed_tag(placement.block)) if remote else None
+            receiver = Receiver(remote, (p_hi - p_lo, width), wire_dtype(*dtypes[placement.block]), device, depth,
+                                steps, timeout, group, tag=_feed_tag(placement.block)) if remote else None
             self.feeds_in[placement.block] = (receiver, local, (p_lo, p_hi), placement)
         self.shapes = spec.shapes
         self.flag_in = (FlagReceiver(routes.flag_from, steps, depth, timeout, device, group)
@@ -346,14 +355,22 @@ class _Links:
         return last
 
     def receive_relay(self) -> Tuple[torch.Tensor, bool]:
-        x = self.relay_in.recv()
-        return x, self.relay_in.stop
+        x = self.relay_in.recv()  # plain layout on the wire; the blocks take the setting's
+        return formatted(x, self.channels_last), self.relay_in.stop
 
     def send(self, x: torch.Tensor, pairs, last: bool) -> None:
         if self.relay_out is not None:
+            block = self.relay.blocks[-1]
+            _expect(x, self.dtypes[block][1], f"the output of teacher block {block}")
             self.relay_out.send(x, last)
         for block, sender in self.feeds_out.items():
-            sender.send(_pack(*pairs[block]), last)
+            sender.send(self._pack(block, *pairs[block]), last)
+
+    def _pack(self, block: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        dtype_in, dtype_out = self.dtypes[block]
+        _expect(x, dtype_in, f"the input of teacher block {block}")
+        _expect(y, dtype_out, f"the output of teacher block {block}")
+        return _pack(x, y, wire_dtype(dtype_in, dtype_out))
 
     def receive_feeds(self, pairs) -> Tuple[Dict[int, Tuple[torch.Tensor, torch.Tensor]], bool]:
         """(input, target) of every student block trained here, and whether a sender marked the step as last."""
@@ -369,12 +386,13 @@ class _Links:
                 packed = receiver.recv()
                 stop = stop or receiver.stop
             if local:
-                mine, lo = _pack(*pairs[block]), self.routes.rows[0]
+                mine, lo = self._pack(block, *pairs[block]), self.routes.rows[0]
                 if packed is None:
                     packed = torch.empty((p_hi - p_lo,) + mine.shape[1:], dtype=mine.dtype, device=mine.device)
                 for a, b in local:
                     packed[a - p_lo:b - p_lo].copy_(mine[a - lo:b - lo])
-            inputs[block] = _unpack(packed, *self.shapes[block])
+            x, y = _unpack(packed, *self.shapes[block], *self.dtypes[block])
+            inputs[block] = (formatted(x, self.channels_last), formatted(y, self.channels_last))
         return inputs, stop
 
     def flush(self) -> None:
@@ -394,12 +412,23 @@ def _numel(shape) -> int:
     return n
 
 
-def _pack(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """A teacher block's input and output rows side by side, one message per peer."""
-    return torch.cat([x.reshape(len(x), -1), y.reshape(len(y), -1)], dim=1)
+def _expect(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """Raise when ``tensor`` does not have the dtype its receivers allocated for (the setup probe's)."""
+    if tensor.dtype != dtype:
+        raise RuntimeError(f"{what} is {tensor.dtype}, but the probe forward at setup gave {dtype} (receive buffers "
+                           "are allocated for it); a teacher block whose output dtype depends on its input data "
+                           "cannot be relayed — make its output dtype fixed, or use execution.precision: fp32")
 
 
-def _unpack(packed: torch.Tensor, shape_in, shape_out) -> Tuple[torch.Tensor, torch.Tensor]:
+def _pack(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A teacher block's input and output rows side by side in ``dtype`` (the wider of theirs), one message per
+    peer; :func:`_unpack` casts each half back, exactly."""
+    return torch.cat([x.reshape(len(x), -1).to(dtype), y.reshape(len(y), -1).to(dtype)], dim=1)
+
+
+def _unpack(packed: torch.Tensor, shape_in, shape_out, dtype_in: torch.dtype,
+            dtype_out: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     n, width = len(packed), _numel(shape_in)
-    return (packed[:, :width].reshape((n,) + tuple(shape_in)), packed[:, width:].reshape((n,) + tuple(shape_out)))
+    return (packed[:, :width].reshape((n,) + tuple(shape_in)).to(dtype_in),
+            packed[:, width:].reshape((n,) + tuple(shape_out)).to(dtype_out))
 

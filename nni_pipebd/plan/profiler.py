@@ -16,6 +16,7 @@ from torch import nn
 
 from ..distill.trainer import BlockTrainer
 from ..job import Job
+from ..precision import autocast, formatted, memory_format
 
 __all__ = ["BlockProfile", "LinkModel", "Profile", "profile_job", "profile_key"]
 
@@ -105,12 +106,13 @@ class Profile:
 
 
 def profile_key(job: Job, max_devices: int, device: torch.device) -> str:
-    """Model + batch size + device kind (+ the settings that change costs), hashed."""
+    """Model + batch size + device kind (+ the settings that change costs: precision, memory format), hashed."""
     config = job.config
     what = {"teacher": asdict(config.model.teacher), "student": asdict(config.model.student),
             "image": [config.data.image_size, config.data.channels], "batch_size": config.data.batch_size,
             "optimizer": config.distill.optimizer, "paths_per_step": config.distill.paths_per_step,
-            "device": device.type, "max_devices": max_devices, "threads": torch.get_num_threads()}
+            "device": device.type, "max_devices": max_devices, "threads": torch.get_num_threads(),
+            "precision": config.execution.precision, "channels_last": config.execution.channels_last}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -118,30 +120,35 @@ def profile_job(job: Job, max_devices: int, device: torch.device = torch.device(
                 warmup: int = 1) -> Profile:
     """Measure every block at per-device batch ceil(B/g) for g = 1..max_devices (compute only, this process).
 
-    Link costs (``p2p``, ``allreduce``) are left empty; the launcher measures them with real workers.
+    Link costs (``p2p``, ``allreduce``) are left empty; the launcher measures them with real workers. Blocks run
+    as the runtime runs them: under ``execution.precision``'s autocast and in its memory format, so times,
+    memory and the bytes a relay carries (``activation_in_bytes``: bf16 halves them) are those of the setting.
     """
     batch = job.config.data.batch_size
+    precision, channels_last = job.config.execution.precision, job.config.execution.channels_last
+    layout = memory_format(channels_last)
     degrees = [g for g in range(1, max_devices + 1) if g <= batch]
     images = torch.stack([job.dataset[i % len(job.dataset)][0] for i in range(batch)]).to(device)
     blocks: List[BlockProfile] = []
-    x = images
+    x = formatted(images, channels_last)
     slots = 2 if job.config.distill.optimizer == "adam" else (1 if job.config.distill.momentum else 0)
     for index, (teacher, student) in enumerate(zip(job.spec.teacher, job.spec.student)):
-        teacher = teacher.to(device)
-        with torch.no_grad():
-            y = teacher(x)
+        teacher = teacher.to(device, memory_format=layout)
+        with torch.no_grad(), autocast(precision, device):
+            y = formatted(teacher(x), channels_last)
         t_s, s_s, mem, grads, bns = {}, {}, {}, [], []
         for g in degrees:
             rows = math.ceil(batch / g)
             xs, ys = x[:rows], y[:rows]
-            trainer = BlockTrainer(index, copy.deepcopy(student).to(device), job.config.distill, warmup + repeats)
+            trainer = BlockTrainer(index, copy.deepcopy(student).to(device, memory_format=layout), job.config.distill,
+                                   warmup + repeats, precision)
             teacher_times, student_times = [], []
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
             for round_ in range(warmup + repeats):
                 start = _now(device)
-                with torch.no_grad():
+                with torch.no_grad(), autocast(precision, device):
                     teacher(xs)
                 middle = _now(device)
                 trainer.step(xs, ys)
@@ -157,7 +164,7 @@ def profile_job(job: Job, max_devices: int, device: torch.device = torch.device(
             if device.type == "cuda":
                 mem[g] = (torch.cuda.max_memory_allocated(device) - base) / MB + _bytes(teacher) / MB
             else:
-                mem[g] = _cpu_memory_mb(teacher, trainer, xs, ys, slots)
+                mem[g] = _cpu_memory_mb(teacher, trainer, xs, ys, slots, precision)
         blocks.append(BlockProfile(t_s, s_s, mem, int(x[0].numel() * x.element_size()),
                                    sum(grads) / len(grads), sum(bns) / len(bns), _bytes(teacher) / MB))
         x = y
@@ -174,7 +181,8 @@ def _bytes(module: nn.Module) -> int:
         sum(b.numel() * b.element_size() for b in module.buffers())
 
 
-def _cpu_memory_mb(teacher: nn.Module, trainer: BlockTrainer, x: torch.Tensor, y: torch.Tensor, slots: int) -> float:
+def _cpu_memory_mb(teacher: nn.Module, trainer: BlockTrainer, x: torch.Tensor, y: torch.Tensor, slots: int,
+                   precision: str = "fp32") -> float:
     """Estimate: teacher weights + student weights, gradients and optimizer slots + activations kept for backward."""
     saved = 0
 
@@ -185,14 +193,14 @@ def _cpu_memory_mb(teacher: nn.Module, trainer: BlockTrainer, x: torch.Tensor, y
 
     handles = [m.register_forward_hook(hook) for m in trainer.student.modules() if not list(m.children())]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(precision, x.device):
             trainer.student(x)
     finally:
         for handle in handles:
             handle.remove()
     student = _bytes(trainer.student)
     grads = sum(p.numel() * p.element_size() for p in trainer.parameters_with_grad())
-    io = (x.numel() + y.numel()) * x.element_size()
+    io = x.numel() * x.element_size() + y.numel() * y.element_size()
     return (_bytes(teacher) + student + grads * (1 + slots) + saved + io) / MB
 
 

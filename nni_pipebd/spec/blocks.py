@@ -9,7 +9,9 @@ from typing import Any, Dict, List, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ["BlockSpec", "ShapeMismatchError", "teacher_shapes", "block_seed"]
+from ..precision import autocast, formatted
+
+__all__ = ["BlockSpec", "ShapeMismatchError", "teacher_shapes", "teacher_dtypes", "block_seed"]
 
 Shape = Tuple[int, ...]
 
@@ -35,6 +37,30 @@ def teacher_shapes(teacher: Sequence[nn.Module], sample: torch.Tensor) -> List[T
     return shapes
 
 
+@torch.no_grad()
+def teacher_dtypes(teacher: Sequence[nn.Module], sample: torch.Tensor, device: torch.device,
+                   precision: str = "fp32", channels_last: bool = False) -> List[Tuple[torch.dtype, torch.dtype]]:
+    """(input, output) dtype of every teacher block on ``device`` under ``precision``'s autocast.
+
+    Measured, not assumed: autocast keeps some ops in fp32 (and CPU and CUDA autocast keep different ones), so the
+    probe runs where the blocks will run. Block 0's input is ``sample``'s dtype (the data's). Each block visits
+    ``device`` for its probe and returns to where it was.
+    """
+    dtypes = []
+    x = formatted(sample[:1].to(device), channels_last)
+    for block in teacher:
+        home = next((t.device for t in list(block.parameters()) + list(block.buffers())), device)
+        block.to(device)
+        try:
+            with autocast(precision, device):
+                y = block(x)
+        finally:
+            block.to(home)
+        dtypes.append((x.dtype, y.dtype))
+        x = formatted(y, channels_last)
+    return dtypes
+
+
 @dataclass
 class BlockSpec:
     """Teacher blocks and the student blocks trained to mimic them.
@@ -54,6 +80,8 @@ class BlockSpec:
     student: List[nn.Module]
     sample: torch.Tensor = field(repr=False)
     shapes: List[Tuple[Shape, Shape]] = field(init=False)
+    _dtypes: Dict[Tuple[str, str, bool], List[Tuple[torch.dtype, torch.dtype]]] = field(
+        init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.teacher) != len(self.student):
@@ -69,6 +97,16 @@ class BlockSpec:
 
     def __len__(self) -> int:
         return len(self.teacher)
+
+    def dtypes(self, device: torch.device, precision: str = "fp32",
+               channels_last: bool = False) -> List[Tuple[torch.dtype, torch.dtype]]:
+        """Per block, the dtypes of the teacher's input and output on ``device`` under ``precision`` (cached):
+        what relayed activations and their receive buffers hold."""
+        key = (str(device), precision, channels_last)
+        if key not in self._dtypes:
+            self._dtypes[key] = teacher_dtypes(self.teacher, self.sample, torch.device(device), precision,
+                                               channels_last)
+        return self._dtypes[key]
 
     def _check_students(self) -> None:
         """Run every student block on its teacher block's input shape, every candidate of every label at least once.

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from conftest import assert_same_blocks, tiny_config
-from nni_pipebd.executors.checkpoint import CheckpointError
+from nni_pipebd.executors.checkpoint import CheckpointError, common_step, load_checkpoint
 from nni_pipebd.executors.faults import ENV, InjectedFault
 from nni_pipebd.executors.launch import WorkerError, train
 
@@ -90,4 +90,26 @@ def test_resume_on_a_user_block_space_is_bitwise(tmp_path, monkeypatch, executor
     monkeypatch.delenv(ENV)
     resumed = train(user_space_config(executor, workers), run, resume=True)
     assert_same_blocks(tmp_path / "whole", run, 4, exact=True)
+    assert [b["losses"] for b in resumed["blocks"]] == [b["losses"] for b in whole["blocks"]]
+
+
+@pytest.mark.gpu
+def test_fp16_resume_on_cuda_keeps_the_loss_scaler(tmp_path, monkeypatch):
+    """The fp16 loss scaler is part of the checkpoint: a resumed run scales as the uninterrupted one did."""
+    def fp16():
+        return tiny_config(tmp_path, distill={"epochs": 2, "max_steps_per_epoch": 3},
+                           execution={"device": "cuda", "precision": "fp16", "deterministic": True,
+                                      "checkpoint_every": 2})
+
+    whole = train(fp16(), tmp_path / "whole")
+    run = tmp_path / "run"
+    monkeypatch.setenv(ENV, "rank=0,step=4")
+    with pytest.raises((InjectedFault, WorkerError), match="injected fault at rank"):
+        train(fp16(), run)
+    state = load_checkpoint(run, "rank0", common_step(run, ["rank0"]))
+    scalers = [trainer["scaler"] for trainer in state["trainers"].values()]
+    assert scalers and all(s is not None and s["scale"] > 0 for s in scalers)
+    monkeypatch.delenv(ENV)
+    resumed = train(fp16(), run, resume=True)
+    assert_same_blocks(tmp_path / "whole", run, 5, exact=True)
     assert [b["losses"] for b in resumed["blocks"]] == [b["losses"] for b in whole["blocks"]]

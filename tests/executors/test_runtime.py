@@ -44,6 +44,15 @@ def test_students_apart_from_their_teacher_blocks_are_bitwise_reference(tmp_path
                                                        "rank 2: students [0, 2]"]
 
 
+def test_bf16_students_apart_are_bitwise_bf16_reference(tmp_path):
+    """Feeds pack a block's input and output in the wider of their dtypes (block 0: fp32 data in, bf16 out) and
+    unpack each in its own: the free plan stays bitwise equal to the reference within bf16."""
+    reference = train(tiny_config(tmp_path, distill={"epochs": 2}, execution={"precision": "bf16"}), tmp_path / "ref")
+    out, manifest = run_plan(tmp_path, APART, precision="bf16")
+    assert_same_blocks(tmp_path / "ref", out, 5, exact=True)
+    assert [b["losses"] for b in manifest["blocks"]] == [b["losses"] for b in reference["blocks"]]
+
+
 @pytest.mark.parametrize("decoupled", [True, False])
 def test_split_links_and_students_match_reference(tmp_path, reference, decoupled):
     out, manifest = run_plan(tmp_path, SPLIT, decoupled=decoupled)

@@ -62,3 +62,20 @@ def test_mismatch_names_the_label_and_value_that_break_a_block_space():
                                                  r"\(path .*\) != teacher output shape \(16, 4, 4\)"):
         BlockSpec(teacher(), [DnaBlock(0, BlockGeometry(3, 8, 2, 1)), BlockSupernet(Space(), 1)],
                   torch.randn(2, 3, 8, 8))
+
+
+class _Volume(nn.Module):
+    """Ends in avg_pool3d, an op autocast runs in fp32: the block's output is fp32 even under bf16."""
+
+    def forward(self, x):
+        return nn.functional.avg_pool3d(x.unsqueeze(2), 1).squeeze(2)
+
+
+def test_dtypes_are_probed_under_the_precision_not_assumed():
+    t = [nn.Conv2d(3, 8, 3, 1, 1), nn.Sequential(nn.Conv2d(8, 8, 1), _Volume()), nn.Conv2d(8, 4, 1)]
+    spec = BlockSpec(t, [nn.Conv2d(3, 8, 3, 1, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)], torch.randn(2, 3, 6, 6))
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert spec.dtypes(torch.device("cpu")) == [(f32, f32)] * 3
+    assert spec.dtypes(torch.device("cpu"), "bf16") == [(f32, bf16), (bf16, f32), (f32, bf16)]  # data in fp32
+    assert spec.dtypes(torch.device("cpu"), "bf16", channels_last=True) == [(f32, bf16), (bf16, f32), (f32, bf16)]
+    assert all(p.device.type == "cpu" and p.dtype == f32 for p in spec.teacher[0].parameters())  # left as it was
