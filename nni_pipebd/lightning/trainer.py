@@ -22,7 +22,7 @@ from .options import TrainerOptions
 __all__ = ["build_trainer", "lightning_session", "quiet_lightning", "QUIET_LOGGERS"]
 
 QUIET_LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning")
-"""Loggers held at WARNING during our runs ("GPU available: ...", "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES", "Seed set")."""
+"""Loggers held at WARNING in our runs ("GPU available: ...", "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES", "Seed set")."""
 
 _ENV = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG")
 

@@ -1,4 +1,4 @@
-"""NNI 3.0 workarounds on this stack: JSON comment stripping, ``pkg_resources`` for nnictl, a fresh Trainer (or evaluator) per model."""
+"""NNI 3.0 workarounds here: JSON comment stripping, ``pkg_resources`` for nnictl, a fresh evaluator per model."""
 
 from __future__ import annotations
 

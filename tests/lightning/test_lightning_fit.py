@@ -1,4 +1,4 @@
-"""Fitting a classifier under Lightning: same seed, same result; quiet; logs and checkpoints; the caller's state kept."""
+"""Fitting a classifier under Lightning: same seed, same result; quiet; logs and checkpoints; caller's state kept."""
 
 import csv
 import os

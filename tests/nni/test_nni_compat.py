@@ -80,7 +80,8 @@ def test_fresh_evaluator_rebuilds_trainer_and_module_and_shares_the_data():
                      Lightning(ClassificationModule(num_classes=2), Trainer(max_epochs=1, logger=False),
                                train_dataloaders=loader)):
         fresh = compat.fresh_evaluator(original)
-        assert isinstance(fresh, Lightning) and type(fresh).__name__ == type(original).__name__ and fresh is not original
+        assert isinstance(fresh, Lightning) and type(fresh).__name__ == type(original).__name__
+        assert fresh is not original
         assert fresh.trainer is not original.trainer and fresh.module is not original.module
         assert fresh.trainer.max_epochs == 1 and fresh.train_dataloaders is loader
     plain = object()

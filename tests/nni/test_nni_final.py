@@ -1,4 +1,4 @@
-"""A Lightning ``Classification`` evaluator as the final evaluator: evaluator, strategy (sequential) and tuner trials."""
+"""A Lightning ``Classification`` as the final evaluator: evaluator, strategy (sequential engine) and tuner trials."""
 
 import json
 
@@ -13,7 +13,7 @@ from nni.nas.experiment import NasExperiment, NasExperimentConfig
 from conftest import tiny_config
 from nni_helpers import FINETUNE, RANKING, isolate_nni, tiny_evaluator
 from nni_pipebd.data.datasets import build_dataset
-from nni_pipebd.nni import ArchitectureModel, BlockwiseDistillation, BlockwiseDNA, BlockwiseTuner
+from nni_pipebd.nni import ArchitectureModel, BlockwiseDNA, BlockwiseTuner
 from nni_pipebd.nni.final import FinalEvaluatorError, resolve_final_evaluator
 from nni_pipebd.nni.trial import run_trial
 from nni_pipebd.search.finetune import architecture_id
@@ -26,9 +26,9 @@ def classification(batches: int = 2) -> Classification:
     """A real NNI Lightning evaluator on the tests' synthetic 16x16 data: one epoch of ``batches`` batches."""
     data = tiny_config().data  # traced data sets: trials rebuild them from their arguments (nni.dump)
     train, val = nni.trace(build_dataset)(data, ".", "train"), nni.trace(build_dataset)(data, ".", "val")
-    return Classification(train_dataloaders=DataLoader(train, batch_size=8), val_dataloaders=DataLoader(val, batch_size=8),
-                          num_classes=10, learning_rate=0.01, max_epochs=1, limit_train_batches=batches,
-                          accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    return Classification(train_dataloaders=DataLoader(train, batch_size=8),
+                          val_dataloaders=DataLoader(val, batch_size=8), num_classes=10, learning_rate=0.01,
+                          max_epochs=1, limit_train_batches=batches, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False)
 
 
