@@ -34,18 +34,19 @@ from nni_pipebd.executors.launch import train
 from nni_pipebd.plan.solver import dp_memory, dp_step_time, ideal_step_time, solve
 
 WORKLOADS = {
-    # DNA's regime: a big teacher distils a mobile-size student (ResNet-18 at 64x64, slim DNA-space student)
+    # DNA's regime: a big teacher distils a mobile-size student (ResNet-18 at 64x64, slim DNA-space student; six
+    # blocks: the classifier head is a block of its own)
     "teacher-heavy": {
         "model": {"teacher": {"arch": "resnet18", "num_classes": 100, "pretrained": False},
                   "student": {"kind": "dna", "kernels": [3, 5], "expansions": [1, 2], "width_mult": 0.5,
-                              "layers": [1, 1, 1, 1, 1]}},
+                              "layers": [1, 1, 1, 1, 1, 1]}},
         "data": {"name": "synthetic", "image_size": 64, "batch_size": 32, "num_samples": 2048},
     },
     # one block >= 3x the others (a deep first student block): pure pipelines idle
     "imbalanced": {
         "model": {"teacher": {"arch": "resnet18", "num_classes": 100, "pretrained": False},
                   "student": {"kind": "dna", "kernels": [3, 5], "expansions": [1, 2], "width_mult": 0.5,
-                              "layers": [5, 1, 1, 1, 1]}},
+                              "layers": [5, 1, 1, 1, 1, 1]}},
         "data": {"name": "synthetic", "image_size": 64, "batch_size": 32, "num_samples": 2048},
     },
     # Pipe-BD's NAS setting: MobileNetV2 teacher (half width, 32x32, 6 blocks), DNA space student

@@ -14,8 +14,8 @@ Run by ``benchmarks/gpu_check.sh`` (which first runs the tests marked ``gpu``). 
    ``nni_pipebd.plan.placement`` exists) under the link model stated in the JSON — measured with real workers
    when the machine has two or more devices of the kind, else assumed (one GPU cannot measure a link).
 
-Without CUDA the same steps run on CPU at small sizes (``--quick``: smaller still, for CI) and every line of the
-output and the JSON say so. Exit status 1 when an equivalence check fails.
+Without CUDA the same steps run on CPU at small sizes (``--quick``: the tests' tiny job in place of the workloads,
+one round each, for CI) and the output and the JSON say so. Exit status 1 when an equivalence check fails.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 
@@ -51,10 +51,12 @@ ASSUMED_LINKS = {
     "cuda": ("NVLink-class GPU-to-GPU link (assumed, not measured: one GPU has no link to measure)", 10e-6, 200e9),
     "cpu": ("gloo over loopback (assumed, not measured)", 50e-6, 2e9),
 }
-SIZES = {  # per mode: equivalence job, profile batch / image scale / repeats
-    "cuda": {"equivalence": "mobilenet", "batch": 32, "steps": 6, "repeats": 5, "warmup": 2, "scale": 1},
-    "cpu": {"equivalence": "tiny", "batch": 8, "steps": 3, "repeats": 2, "warmup": 1, "scale": 2},
-    "quick": {"equivalence": "tiny", "batch": 8, "steps": 2, "repeats": 1, "warmup": 0, "scale": 2},
+ALL = list(WORKLOADS)
+SIZES = {  # per mode: the equivalence job and its steps per epoch; the profiled workloads, their batch (>= 16: at
+    # W = 8 a device then holds 2 rows, which BatchNorm on a 1x1 map needs), repeats and warm-up rounds
+    "cuda": {"equivalence": "mobilenet", "steps": 6, "workloads": ALL, "batch": 32, "repeats": 5, "warmup": 2},
+    "cpu": {"equivalence": "tiny", "steps": 3, "workloads": ALL, "batch": 16, "repeats": 1, "warmup": 1},
+    "quick": {"equivalence": "tiny", "steps": 2, "workloads": ["tiny"], "batch": 16, "repeats": 1, "warmup": 0},
 }
 TINY = {  # the tests' tiny job (tests/conftest.py: tiny_config)
     "model": {"teacher": {"arch": "digits_cnn", "num_classes": 10, "kwargs": {"width": 4}, "pretrained": False},
@@ -103,11 +105,10 @@ def check_equivalence(sizes: dict, device: str, scratch: Path) -> List[dict]:
 
 
 def workload_config(name: str, sizes: dict, device: str, precision: str, channels_last: bool) -> Config:
-    raw = json.loads(json.dumps(WORKLOADS[name]))
+    """A workload of ``benchmarks/executors.py`` (or ``tiny``, the tests' job) at ``sizes``, on ``device``."""
+    raw = json.loads(json.dumps(TINY if name == "tiny" else WORKLOADS[name]))
     raw["data"]["batch_size"] = sizes["batch"]
-    raw["data"]["num_samples"] = sizes["batch"]
-    raw["data"]["image_size"] = raw["data"]["image_size"] // sizes["scale"] if raw["data"]["image_size"] >= 64 \
-        else raw["data"]["image_size"]
+    raw["data"]["num_samples"] = sizes["batch"]  # the image size stays: it decides where the teacher is split
     raw["distill"] = {"optimizer": "sgd", "lr": 0.01, "epochs": 1, "seed": 0}
     raw["execution"] = {"device": device, "precision": precision, "channels_last": channels_last}
     return Config.from_dict(raw)
@@ -134,7 +135,7 @@ def profile_workloads(sizes: dict, device: str, settings, measure_links: bool) -
     max_devices = 8  # W = 2, 4, 8 need every data-parallel degree up to 8 (batch >= 8)
     links = None
     results = []
-    for name in WORKLOADS:
+    for name in sizes["workloads"]:
         for label, precision, channels_last in settings:
             config = workload_config(name, sizes, device, precision, channels_last)
             if links is None:
@@ -166,7 +167,8 @@ def profile_workloads(sizes: dict, device: str, settings, measure_links: bool) -
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--quick", action="store_true", help="CPU only: the smallest sizes (CI proves the script)")
+    parser.add_argument("--quick", action="store_true", help="CPU only: the tests' tiny job instead of the workloads "
+                                                             "(CI proves the script)")
     parser.add_argument("--json", help="write the results here (default: benchmarks/results-gpu-<date>.json on "
                                        "CUDA, benchmarks/results-gpu-check-cpu-<date>.json on CPU)")
     parser.add_argument("--measure-links", choices=["auto", "yes", "no"], default="auto",

@@ -19,7 +19,9 @@ if [[ "${GPU_CHECK_QUICK:-0}" == "1" && ! " $* " =~ " --quick " ]]; then args+=(
 start=$(date +%s)
 device=$("$PYTHON" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
-echo "gpu_check.sh: device ${device} (${gpus} GPUs visible)$([[ $device == cpu ]] && echo ' -- no CUDA: the GPU tests skip, the rest runs on CPU')"
+note=""
+if [[ $device == cpu ]]; then note=" -- no CUDA: the GPU tests skip, the rest runs on CPU"; fi
+echo "gpu_check.sh: device ${device} (${gpus} GPUs visible)${note}"
 
 echo "== 1/3 tests marked gpu"
 mapfile -t files < <(grep -rl --include='test_*.py' "pytest.mark.gpu" tests | sort)

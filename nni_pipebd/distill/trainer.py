@@ -52,7 +52,7 @@ class BlockTrainer:
 
     def __init__(self, index: int, student: nn.Module, config: DistillConfig, total_steps: int,
                  precision: str = "fp32"):
-        autocast_dtype(precision)  # a clear error for an unknown name
+        self._amp = autocast_dtype(precision) is not None  # (a clear error for an unknown name)
         self.index = index
         self.precision = precision
         self.student = student.train()
@@ -103,7 +103,10 @@ class BlockTrainer:
                 self.student.set_path(path)
             self.last_paths.append(path)
             with autocast(self.precision, x.device):
-                loss = self.loss_fn(self.student(x).float(), target.float())  # fp32 no-ops without autocast
+                out = self.student(x)
+                if self._amp:  # the loss in fp32, whatever dtype autocast left the output and the target in
+                    out, target = out.float(), target.float()
+                loss = self.loss_fn(out, target)
             scaled = loss * factor if factor != 1.0 else loss
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total = total + loss.detach()
