@@ -1,0 +1,338 @@
+"""Exact branch and bound over teacher relay links and student placements on identical devices (numbers only)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+__all__ = ["PieceCosts", "BranchAndBound", "Solution"]
+
+TIME, MEMORY = 0, 1
+"""The two metrics every piece of a plan adds to the ranks it lands on (seconds per step, MB)."""
+
+
+@dataclass
+class PieceCosts:
+    """What every piece of a one-phase plan adds to each rank holding it, per metric (``[TIME]``, ``[MEMORY]``).
+
+    Indexed ``[metric][block][degree]`` (a list per block, ``inf`` where a degree is not allowed):
+
+    ``teacher``: a rank of a link on ``g`` devices running teacher block ``b``; ``colocated``: on top of that,
+    training student ``b`` on exactly its link's ranks; ``teacher_only``: on top of ``teacher``, when student
+    ``b`` trains elsewhere; ``fed``: a rank of ``h`` training student ``b`` away from its link (with the
+    receive); ``link_in`` ``[metric][start][degree]``: a rank of a link starting at block ``start`` receiving
+    its input. Every value is >= 0 (memory that a co-located student saves is folded into ``teacher``).
+    """
+
+    degrees: List[int]
+    teacher: List[List[List[float]]]
+    colocated: List[List[List[float]]]
+    teacher_only: List[List[List[float]]]
+    fed: List[List[List[float]]]
+    link_in: List[List[List[float]]]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.teacher[TIME])
+
+
+@dataclass
+class Solution:
+    """Links ``(start, stop, ranks)`` in chain order and each student block's ranks (the link's: co-located)."""
+
+    value: Tuple[float, float]
+    links: List[Tuple[int, int, Tuple[int, ...]]]
+    students: Dict[int, Tuple[int, ...]]
+
+
+class BranchAndBound:
+    """Minimise the largest per-rank total of one metric (ties: the smallest sum) over every one-phase plan.
+
+    A plan is a chain of links tiling blocks ``0..N-1`` (each on ``g`` ranks of its own) and, per student block,
+    a set of ``h`` ranks (any ranks); every rank gets a piece; optionally the other metric stays within a limit
+    on every rank. Depth-first over the blocks, largest first: a block not yet covered by a link first gets one
+    (every interval around it that fits between the existing links, every degree, every set of link-less
+    ranks), then its student gets its link's ranks or any other set of ``h`` ranks. It is exact:
+
+    - ranks are identical, so two ranks with the same totals, the same link state and the same
+      emptiness are interchangeable; only the first ``m`` ranks of every such class are tried (each plan is
+      reached in one rank labelling at least);
+    - every piece adds a non-negative amount, so a node is cut only by lower bounds of any completion: the
+      largest total so far, water-filling the least remaining work (each block's cheapest way to finish) over
+      the ranks, each of the next blocks' cheapest placement on the least loaded ranks, and the sum so far plus
+      the least remaining work for the tie-break;
+    - options of a block are tried from the least resulting maximum, and the rest are cut once one exceeds the
+      best found.
+    """
+
+    def __init__(self, costs: PieceCosts, workers: int):
+        self.costs, self.workers = costs, workers
+        self.n = costs.num_blocks
+        self.degrees = [g for g in costs.degrees if g <= workers]
+        self.max_degree = max(self.degrees, default=0)
+        c = costs
+        # least total work (over all ranks) to finish a block whose link has degree g, or that has no link yet
+        self.least_done = [[[math.inf] * (workers + 1) for _ in range(self.n)] for _ in (TIME, MEMORY)]
+        self.least_open = [[math.inf] * self.n for _ in (TIME, MEMORY)]
+        for m in (TIME, MEMORY):
+            for b in range(self.n):
+                fed = min((h * c.fed[m][b][h] for h in self.degrees), default=math.inf)
+                for g in self.degrees:
+                    self.least_done[m][b][g] = min(g * c.colocated[m][b][g], fed + g * c.teacher_only[m][b][g])
+                self.least_open[m][b] = min((g * c.teacher[m][b][g] + self.least_done[m][b][g]
+                                             for g in self.degrees), default=math.inf)
+        self.order = sorted(range(self.n), key=lambda b: (-self.least_open[TIME][b], b))
+        # prefix sums of teacher pieces per metric and degree: a link's load is teacher[start:stop] + link_in
+        self.prefix = [[[0.0] * (self.n + 1) for _ in range(workers + 1)] for _ in (TIME, MEMORY)]
+        for m in (TIME, MEMORY):
+            for g in self.degrees:
+                for b in range(self.n):
+                    self.prefix[m][g][b + 1] = self.prefix[m][g][b] + c.teacher[m][b][g]
+        self.nodes = 0
+
+    def run(self, objective: int = TIME, limit: float = math.inf,
+            incumbent: Optional[Tuple[float, float]] = None) -> Optional[Solution]:
+        """The best plan better than ``incumbent`` (max, sum) with the other metric <= ``limit``, else ``None``."""
+        self.objective, self.other, self.limit = objective, 1 - objective, limit
+        self.best = incumbent if incumbent is not None else (math.inf, math.inf)
+        self.found: Optional[Solution] = None
+        w = self.workers
+        self.load = [[0.0] * w, [0.0] * w]
+        self.link_of = [-1] * w
+        self.students_on = [0] * w
+        self.links: List[list] = []  # [start, stop, degree, ranks, students still to place]
+        self.block_link = [-1] * self.n
+        self.where: Dict[int, Tuple[int, ...]] = {}
+        self.nodes = 0
+        if self.degrees:
+            self._visit(0)
+        return self.found
+
+    # -- bounds ---------------------------------------------------------------------------------------------
+
+    def _beaten(self, lb_max: float, lb_sum: float) -> bool:
+        """No completion whose (max, sum) is at least the bounds can beat the best (see :meth:`_better`)."""
+        best_max, best_sum = self.best
+        if best_max == math.inf:
+            return False
+        tol_max, tol_sum = _TOL * abs(best_max), _TOL * abs(best_sum)
+        return lb_max > best_max + tol_max or (lb_max >= best_max - tol_max and lb_sum >= best_sum - tol_sum)
+
+    def _better(self, value: Tuple[float, float]) -> bool:
+        best_max, best_sum = self.best
+        if best_max == math.inf:
+            return True
+        tol_max, tol_sum = _TOL * abs(best_max), _TOL * abs(best_sum)
+        return value[0] < best_max - tol_max or (value[0] <= best_max + tol_max and value[1] < best_sum - tol_sum)
+
+    def _bounds(self, pos: int) -> Tuple[float, float]:
+        """Lower bounds of (max, sum) of the objective over every completion of the current node."""
+        o = self.objective
+        loads = self.load[o]
+        work = 0.0
+        for b in self.order[pos:]:
+            k = self.block_link[b]
+            work += self.least_done[o][b][self.links[k][2]] if k >= 0 else self.least_open[o][b]
+        ordered = sorted(loads)
+        lb = max(ordered[-1], _water_level(ordered, work))
+        if lb < math.inf:  # the next blocks, each on its least loaded ranks
+            free_link = sorted(loads[r] for r in range(self.workers) if self.link_of[r] < 0)
+            c = self.costs
+            for b in self.order[pos:pos + 3]:
+                fed = min(ordered[h - 1] + c.fed[o][b][h] for h in self.degrees)
+                k = self.block_link[b]
+                if k >= 0:
+                    g, ranks = self.links[k][2], self.links[k][3]
+                    bound = min(fed, max(loads[r] for r in ranks) + c.colocated[o][b][g])
+                else:
+                    teacher = {g: free_link[g - 1] + c.teacher[o][b][g] if g <= len(free_link) else math.inf
+                               for g in self.degrees}
+                    bound = max(min(teacher[g] for g in self.degrees),
+                                min(fed, min(teacher[g] + c.colocated[o][b][g] for g in self.degrees)))
+                lb = max(lb, bound)
+        return lb, sum(loads) + work
+
+    # -- search ---------------------------------------------------------------------------------------------
+
+    def _visit(self, pos: int) -> None:
+        self.nodes += 1
+        if pos == self.n:
+            self._leaf()
+            return
+        lb_max, lb_sum = self._bounds(pos)
+        if lb_max == math.inf or self._beaten(lb_max, lb_sum):
+            return
+        empty = sum(1 for r in range(self.workers) if self.link_of[r] < 0 and not self.students_on[r])
+        uncovered = sum(1 for b in self.order[pos:] if self.block_link[b] < 0)
+        if empty > (self.n - pos + uncovered) * self.max_degree:
+            return
+        b = self.order[pos]
+        if self.block_link[b] >= 0:
+            self._place_student(pos)
+            return
+        for _, start, stop, g, ranks, inc in self._link_options(b):
+            if self._beaten(_, -math.inf):
+                break
+            self._open_link(start, stop, g, ranks, inc)
+            self._place_student(pos)
+            self._close_link(start, stop, ranks, inc)
+
+    def _leaf(self) -> None:
+        if any(self.link_of[r] < 0 and not self.students_on[r] for r in range(self.workers)):
+            return
+        loads = self.load[self.objective]
+        value = (max(loads), sum(loads))
+        if self._better(value):
+            self.best = value
+            self.found = Solution(value, [(s, e, tuple(ranks)) for s, e, _, ranks, _ in self.links],
+                                  dict(self.where))
+
+    def _classes(self, link_less: bool) -> List[List[int]]:
+        """Interchangeable ranks: same totals, same link state (its students still to place or not), same
+        emptiness."""
+        groups: Dict[tuple, List[int]] = {}
+        for r in range(self.workers):
+            k = self.link_of[r]
+            if link_less and k >= 0:
+                continue
+            tag = k if k >= 0 and self.links[k][4] > 0 else (-2 if k >= 0 else -1)
+            key = (tag, self.load[0][r], self.load[1][r], self.students_on[r] > 0)
+            groups.setdefault(key, []).append(r)
+        return list(groups.values())
+
+    def _link_options(self, b: int) -> List[tuple]:
+        """(resulting max, start, stop, degree, ranks, per-metric increment) of every link for block ``b``."""
+        lo = b
+        while lo > 0 and self.block_link[lo - 1] < 0:
+            lo -= 1
+        hi = b + 1
+        while hi < self.n and self.block_link[hi] < 0:
+            hi += 1
+        o, x = self.objective, self.other
+        loads, others = self.load[o], self.load[x]
+        current = max(loads)
+        classes = self._classes(link_less=True)
+        available = sum(len(group) for group in classes)
+        options = []
+        for g in self.degrees:
+            if g > available:
+                break
+            subsets = list(_subsets(classes, g))
+            for start in range(lo, b + 1):
+                for stop in range(b + 1, hi + 1):
+                    inc = [self.prefix[m][g][stop] - self.prefix[m][g][start] + self.costs.link_in[m][start][g]
+                           for m in (TIME, MEMORY)]
+                    for ranks, heads in subsets:
+                        if any(others[r] + inc[x] > self.limit for r in heads):
+                            continue
+                        top = max(current, max(loads[r] for r in heads) + inc[o])
+                        options.append((top, start, stop, g, ranks, inc))
+        options.sort(key=lambda option: option[0])
+        return options
+
+    def _open_link(self, start, stop, g, ranks, inc) -> None:
+        k = len(self.links)
+        self.links.append([start, stop, g, ranks, stop - start])
+        for j in range(start, stop):
+            self.block_link[j] = k
+        for r in ranks:
+            self.link_of[r] = k
+            self.load[0][r] += inc[0]
+            self.load[1][r] += inc[1]
+
+    def _close_link(self, start, stop, ranks, inc) -> None:
+        self.links.pop()
+        for j in range(start, stop):
+            self.block_link[j] = -1
+        for r in ranks:
+            self.link_of[r] = -1
+            self.load[0][r] -= inc[0]
+            self.load[1][r] -= inc[1]
+
+    def _place_student(self, pos: int) -> None:
+        b = self.order[pos]
+        k = self.block_link[b]
+        link = self.links[k]
+        g, own = link[2], link[3]
+        c, o, x = self.costs, self.objective, self.other
+        loads, others = self.load[o], self.load[x]
+        current = max(loads)
+        options = []
+        here = [c.colocated[TIME][b][g], c.colocated[MEMORY][b][g]]
+        if all(others[r] + here[x] <= self.limit for r in own):
+            options.append((max(current, max(loads[r] for r in own) + here[o]), own, here, None))
+        stay = [c.teacher_only[TIME][b][g], c.teacher_only[MEMORY][b][g]]
+        if all(others[r] + stay[x] <= self.limit for r in own):
+            own_top = max(loads[r] for r in own) + stay[o]
+            classes = self._classes(link_less=False)
+            for h in self.degrees:
+                fed = [c.fed[TIME][b][h], c.fed[MEMORY][b][h]]
+                for ranks, heads in _subsets(classes, h):
+                    if ranks == own:
+                        continue
+                    # a rank of the own link that also trains the student gets both increments
+                    if any(others[r] + fed[x] + (stay[x] if r in own else 0.0) > self.limit for r in ranks):
+                        continue
+                    top = max(current, own_top, max(loads[r] + fed[o] + (stay[o] if r in own else 0.0)
+                                                    for r in ranks))
+                    options.append((top, ranks, fed, stay))
+        options.sort(key=lambda option: option[0])
+        link[4] -= 1
+        for top, ranks, inc, stay in options:
+            if self._beaten(top, -math.inf):
+                break
+            self._add(ranks, inc, 1)
+            if stay is not None:
+                self._add(own, stay, 0)
+            self.where[b] = ranks
+            self._visit(pos + 1)
+            del self.where[b]
+            if stay is not None:
+                self._add(own, [-stay[0], -stay[1]], 0)
+            self._add(ranks, [-inc[0], -inc[1]], -1)
+        link[4] += 1
+
+    def _add(self, ranks, inc, students: int) -> None:
+        for r in ranks:
+            self.load[0][r] += inc[0]
+            self.load[1][r] += inc[1]
+            self.students_on[r] += students
+
+
+_TOL = 1e-9
+"""Relative margin by which a plan must beat the best to replace it (sums in another order differ in the last
+bits)."""
+
+
+def _water_level(ordered: Sequence[float], work: float) -> float:
+    """The least T with sum(max(0, T - load)) >= ``work`` over loads ``ordered`` ascending."""
+    if work == math.inf:
+        return math.inf
+    total = 0.0
+    for k, load in enumerate(ordered, 1):
+        total += load
+        level = (total + work) / k
+        if k == len(ordered) or level <= ordered[k]:
+            return level
+    return math.inf
+
+
+def _subsets(classes: List[List[int]], size: int) -> Iterator[Tuple[Tuple[int, ...], Tuple[int, ...]]]:
+    """(sorted ranks, one rank per class used) of every way to take ``size`` ranks, up to interchangeable ones."""
+    counts = [0] * len(classes)
+
+    def rec(i: int, left: int):
+        if left == 0:
+            chosen = [r for group, m in zip(classes, counts) for r in group[:m]]
+            heads = tuple(group[0] for group, m in zip(classes, counts) if m)
+            yield tuple(sorted(chosen)), heads
+            return
+        if i == len(classes):
+            return
+        for m in range(min(left, len(classes[i])), -1, -1):
+            counts[i] = m
+            yield from rec(i + 1, left - m)
+        counts[i] = 0
+
+    yield from rec(0, size)
