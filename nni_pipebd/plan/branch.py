@@ -82,6 +82,15 @@ class BranchAndBound:
                     self.least_done[m][b][g] = min(g * c.colocated[m][b][g], fed + g * c.teacher_only[m][b][g])
                 self.least_open[m][b] = min((g * c.teacher[m][b][g] + self.least_done[m][b][g]
                                              for g in self.degrees), default=math.inf)
+        # least work of a block's teacher (prefix sums over blocks) and of its student, to rank options by waste
+        self.least_teacher = [[0.0] * (self.n + 1) for _ in (TIME, MEMORY)]
+        self.least_student = [[0.0] * self.n for _ in (TIME, MEMORY)]
+        for m in (TIME, MEMORY):
+            for b in range(self.n):
+                self.least_teacher[m][b + 1] = self.least_teacher[m][b] + min(
+                    (g * c.teacher[m][b][g] for g in self.degrees), default=math.inf)
+                self.least_student[m][b] = min((h * min(c.fed[m][b][h], c.colocated[m][b][h])
+                                                for h in self.degrees), default=math.inf)
         self.order = sorted(range(self.n), key=lambda b: (-self.least_open[TIME][b], b))
         # prefix sums of teacher pieces per metric and degree: a link's load is teacher[start:stop] + link_in
         self.prefix = [[[0.0] * (self.n + 1) for _ in range(workers + 1)] for _ in (TIME, MEMORY)]
@@ -92,10 +101,26 @@ class BranchAndBound:
         self.nodes = 0
 
     def run(self, objective: int = TIME, limit: float = math.inf,
-            incumbent: Optional[Tuple[float, float]] = None) -> Optional[Solution]:
-        """The best plan better than ``incumbent`` (max, sum) with the other metric <= ``limit``, else ``None``."""
+            incumbent: Optional[Tuple[float, float]] = None, budget: Optional[int] = None) -> Optional[Solution]:
+        """The best plan better than ``incumbent`` (max, sum) with the other metric <= ``limit``, else ``None``.
+
+        ``budget`` caps the nodes visited; :attr:`complete` then says whether the search ended by itself (the
+        result is optimal) or at the cap (the best found so far).
+        """
+        self._reset(objective, limit, incumbent, budget)
+        if self.degrees:
+            try:
+                self._visit(0)
+            except _OutOfBudget:
+                self.complete = False
+        return self.found
+
+    def _reset(self, objective: int, limit: float, incumbent: Optional[Tuple[float, float]],
+               budget: Optional[int]) -> None:
         self.objective, self.other, self.limit = objective, 1 - objective, limit
         self.best = incumbent if incumbent is not None else (math.inf, math.inf)
+        self.budget = math.inf if budget is None else budget
+        self.complete = True
         self.found: Optional[Solution] = None
         w = self.workers
         self.load = [[0.0] * w, [0.0] * w]
@@ -105,9 +130,26 @@ class BranchAndBound:
         self.block_link = [-1] * self.n
         self.where: Dict[int, Tuple[int, ...]] = {}
         self.nodes = 0
-        if self.degrees:
-            self._visit(0)
-        return self.found
+
+    def lower_bound(self, objective: int = TIME, limit: float = math.inf) -> float:
+        """A value no plan's largest total (of ``objective``) can be below: the smallest that the bounds of the
+        empty plan do not rule out (bisection on :meth:`_least_work`, with the water level)."""
+        self._reset(objective, limit, None, None)
+        low = self._bounds(0)[0] if self.degrees else math.inf
+        high = max(low, 1e-12) * 2
+        for _ in range(64):
+            if low == math.inf or self._least_work(0, high) is not None:
+                break
+            high *= 2
+        else:
+            return math.inf
+        for _ in range(50):
+            middle = (low + high) / 2
+            if self._least_work(0, middle) is None:
+                low = middle
+            else:
+                high = middle
+        return low
 
     # -- bounds ---------------------------------------------------------------------------------------------
 
@@ -153,27 +195,105 @@ class BranchAndBound:
                 lb = max(lb, bound)
         return lb, sum(loads) + work
 
+    def _hopeless(self, pos: int) -> bool:
+        """Whether no completion can beat the best, by :meth:`_least_work` under the best maximum: none with a
+        smaller maximum fits, and those that tie it cannot have a smaller sum."""
+        best_max, best_sum = self.best
+        if best_max == math.inf:
+            return False
+        tol_max = _TOL * abs(best_max)
+        if self._least_work(pos, best_max - tol_max) is not None:
+            return False
+        work = self._least_work(pos, best_max + tol_max)
+        return work is None or sum(self.load[self.objective]) + work >= best_sum - _TOL * abs(best_sum)
+
+    def _least_work(self, pos: int, top: float) -> Optional[float]:
+        """A lower bound of the work left if every rank stays <= ``top``, or ``None`` when that cannot be.
+
+        Each block left finishes one of its ways whose pieces fit under ``top`` on the least loaded ranks (a
+        block too big for one rank must be split, at a cost in total work); a rank holds at most one piece
+        bigger than ``top / 2`` and only if its load is below ``top / 2``; and all the work must fit in the room
+        under ``top``. The least work under the count of big pieces is a small dynamic programme over blocks.
+        """
+        o, c, inf = self.objective, self.costs, math.inf
+        loads = self.load[o]
+        ordered = sorted(loads)
+        if ordered[-1] > top:
+            return None
+        half = top / 2
+        slots = sum(1 for load in loads if load < half)
+        linkless = sorted(loads[r] for r in range(self.workers) if self.link_of[r] < 0)
+        # per degree: the room the h least loaded ranks (link-less ranks: for a new link) leave under top
+        room = {h: top - ordered[h - 1] for h in self.degrees}
+        room_new = {g: top - linkless[g - 1] if g <= len(linkless) else -inf for g in self.degrees}
+        least = [0.0] + [inf] * slots  # least work so far per number of big pieces
+        for b in self.order[pos:]:
+            k = self.block_link[b]
+            ways = []  # (work, big pieces)
+            fed = [(h * c.fed[o][b][h], h if c.fed[o][b][h] > half else 0)
+                   for h in self.degrees if c.fed[o][b][h] <= room[h]]
+            if k >= 0:
+                g, own = self.links[k][2], self.links[k][3]
+                own_room = top - max(loads[r] for r in own)
+                piece = c.colocated[o][b][g]
+                if piece <= own_room:
+                    ways.append((g * piece, g if piece > half else 0))
+                if c.teacher_only[o][b][g] <= own_room:
+                    ways.extend((work + g * c.teacher_only[o][b][g], big) for work, big in fed)
+            else:
+                for g in self.degrees:
+                    teacher = c.teacher[o][b][g]
+                    if teacher > room_new[g]:
+                        continue
+                    piece = teacher + c.colocated[o][b][g]
+                    if piece <= room_new[g]:
+                        ways.append((g * piece, g if piece > half else 0))
+                    piece = teacher + c.teacher_only[o][b][g]
+                    if piece <= room_new[g]:
+                        ways.extend((work + g * piece, big + (g if piece > half else 0)) for work, big in fed)
+            if not ways:
+                return None
+            following = [inf] * (slots + 1)
+            for count, work in enumerate(least):
+                if work == inf:
+                    continue
+                for extra, big in ways:
+                    if count + big <= slots and work + extra < following[count + big]:
+                        following[count + big] = work + extra
+            least = following
+        work = min(least)
+        space = sum(top - load for load in loads)
+        return None if work > space else work
+
     # -- search ---------------------------------------------------------------------------------------------
 
     def _visit(self, pos: int) -> None:
         self.nodes += 1
+        if self.nodes > self.budget:
+            raise _OutOfBudget
         if pos == self.n:
             self._leaf()
             return
         lb_max, lb_sum = self._bounds(pos)
         if lb_max == math.inf or self._beaten(lb_max, lb_sum):
             return
+        if self._hopeless(pos):
+            return
+        self.level = lb_max
         empty = sum(1 for r in range(self.workers) if self.link_of[r] < 0 and not self.students_on[r])
         uncovered = sum(1 for b in self.order[pos:] if self.block_link[b] < 0)
         if empty > (self.n - pos + uncovered) * self.max_degree:
-            return
+            return  # ranks left empty
+        gaps = sum(1 for j in range(self.n) if self.block_link[j] < 0 and (j == 0 or self.block_link[j - 1] >= 0))
+        if gaps > sum(1 for r in range(self.workers) if self.link_of[r] < 0):
+            return  # every run of blocks without a link needs a link of its own ranks
         b = self.order[pos]
         if self.block_link[b] >= 0:
             self._place_student(pos)
             return
         for _, start, stop, g, ranks, inc in self._link_options(b):
             if self._beaten(_, -math.inf):
-                break
+                continue
             self._open_link(start, stop, g, ranks, inc)
             self._place_student(pos)
             self._close_link(start, stop, ranks, inc)
@@ -227,9 +347,11 @@ class BranchAndBound:
                         if any(others[r] + inc[x] > self.limit for r in heads):
                             continue
                         top = max(current, max(loads[r] for r in heads) + inc[o])
-                        options.append((top, start, stop, g, ranks, inc))
-        options.sort(key=lambda option: option[0])
-        return options
+                        options.append((top, start, stop, g, ranks, inc,
+                                        g * inc[o] - self.least_teacher[o][stop] + self.least_teacher[o][start]))
+        level = self.level
+        options.sort(key=lambda option: (max(option[0], level), option[-1]))
+        return [option[:6] for option in options]
 
     def _open_link(self, start, stop, g, ranks, inc) -> None:
         k = len(self.links)
@@ -259,9 +381,10 @@ class BranchAndBound:
         loads, others = self.load[o], self.load[x]
         current = max(loads)
         options = []
+        least = self.least_student[o][b]
         here = [c.colocated[TIME][b][g], c.colocated[MEMORY][b][g]]
         if all(others[r] + here[x] <= self.limit for r in own):
-            options.append((max(current, max(loads[r] for r in own) + here[o]), own, here, None))
+            options.append((max(current, max(loads[r] for r in own) + here[o]), own, here, None, g * here[o] - least))
         stay = [c.teacher_only[TIME][b][g], c.teacher_only[MEMORY][b][g]]
         if all(others[r] + stay[x] <= self.limit for r in own):
             own_top = max(loads[r] for r in own) + stay[o]
@@ -276,12 +399,13 @@ class BranchAndBound:
                         continue
                     top = max(current, own_top, max(loads[r] + fed[o] + (stay[o] if r in own else 0.0)
                                                     for r in ranks))
-                    options.append((top, ranks, fed, stay))
-        options.sort(key=lambda option: option[0])
+                    options.append((top, ranks, fed, stay, h * fed[o] + g * stay[o] - least))
+        level = self.level
+        options.sort(key=lambda option: (max(option[0], level), option[-1]))
         link[4] -= 1
-        for top, ranks, inc, stay in options:
+        for top, ranks, inc, stay, _ in options:
             if self._beaten(top, -math.inf):
-                break
+                continue
             self._add(ranks, inc, 1)
             if stay is not None:
                 self._add(own, stay, 0)
@@ -303,6 +427,10 @@ class BranchAndBound:
 _TOL = 1e-9
 """Relative margin by which a plan must beat the best to replace it (sums in another order differ in the last
 bits)."""
+
+
+class _OutOfBudget(Exception):
+    """The node budget is spent."""
 
 
 def _water_level(ordered: Sequence[float], work: float) -> float:

@@ -7,10 +7,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .plan import Phase, Placement, Plan, PlanError, Relay, Stage
 from .branch import MEMORY, TIME, BranchAndBound, PieceCosts, Solution
+from .improve import Layout, improve
+from .partition import greedy_assignment
 from .profiler import MB, Profile
-from .solver import InfeasibleMemoryError, solve
+from .solver import InfeasibleMemoryError, smallest_memory_limit, solve
 
-__all__ = ["rank_times", "rank_memory", "step_time", "place", "piece_costs", "profiled_degrees"]
+__all__ = ["rank_times", "rank_memory", "step_time", "place", "ls_relay_plan", "piece_costs", "profiled_degrees",
+           "DEFAULT_BUDGET"]
 
 
 def profiled_degrees(profile: Profile, workers: int) -> List[int]:
@@ -121,14 +124,22 @@ def step_time(profile: Profile, plan: Plan, sync_bn: bool = True) -> float:
     return max(rank_times(profile, plan, sync_bn))
 
 
+DEFAULT_BUDGET = 50_000
+"""Nodes the exact search may visit by default (a few seconds in CPython); ``None``: no cap."""
+
+
 def place(profile: Profile, workers: int, memory_limit_mb: Optional[float] = None, sync_bn: bool = True,
-          queue_depth: int = 2) -> Plan:
+          queue_depth: int = 2, budget: Optional[int] = DEFAULT_BUDGET) -> Plan:
     """The one-phase plan with the smallest predicted step on exactly ``workers`` devices (ties: smaller sum).
 
-    Chooses jointly the teacher relay links (contiguous blocks, devices per link), and for every student block
+    Chooses jointly the teacher relay links (contiguous blocks, devices per link) and, for every student block,
     its devices and how many (batch split), co-located with its teacher link or fed from it; Pipe-BD's stages,
-    AHD's hybrid stages and LS's bins are special cases. Exact branch and bound (:class:`~nni_pipebd.plan.branch.BranchAndBound`): its result is
-    never slower than :func:`~nni_pipebd.plan.solver.solve`'s, which seeds it.
+    AHD's hybrid stages and LS's bins are special cases. AHD's best plan (:func:`~nni_pipebd.plan.solver.solve`)
+    and LS's bins (:func:`ls_relay_plan`), each improved by local search (:func:`~nni_pipebd.plan.improve.improve`),
+    bound an exact branch and bound (:class:`~nni_pipebd.plan.branch.BranchAndBound`) over every plan. The result
+    is never slower than either seed. When the search ends within ``budget`` nodes the plan is optimal under the
+    cost model (``predicted['optimal']``); otherwise it is the best found, and ``predicted['bound_s']`` is a step
+    time no plan can beat.
 
     Parameters
     ----------
@@ -142,12 +153,15 @@ def place(profile: Profile, workers: int, memory_limit_mb: Optional[float] = Non
         Count the BatchNorm synchronisation of data-parallel student blocks.
     queue_depth : int
         Activations in flight between two ranks (receive buffers).
+    budget : int, optional
+        Nodes the exact search may visit (``None``: until it proves the optimum; that may take long beyond
+        about 8 blocks on 4 devices).
 
     Returns
     -------
     Plan
-        With ``predicted``: ``step_s``, ``rank_s`` and ``rank_mb`` (per rank), and for a pipeline plan also
-        ``stage_s`` and ``stage_mb``.
+        With ``predicted``: ``step_s``, ``rank_s`` and ``rank_mb`` (per rank), ``optimal`` (bool), ``bound_s``
+        when not proven optimal, and for a pipeline plan also ``stage_s`` and ``stage_mb``.
 
     Raises
     ------
@@ -160,27 +174,76 @@ def place(profile: Profile, workers: int, memory_limit_mb: Optional[float] = Non
         raise PlanError(f"workers = {workers!r} must be an int >= 1")
     if memory_limit_mb is not None and not memory_limit_mb > 0:
         raise PlanError(f"memory_limit_mb = {memory_limit_mb!r} must be > 0 (or None for no limit)")
-    degrees = profiled_degrees(profile, workers)
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise PlanError(f"budget = {budget!r} must be an int >= 1 (nodes of the search) or None (no cap)")
     limit = math.inf if memory_limit_mb is None else float(memory_limit_mb)
-    search = BranchAndBound(piece_costs(profile, workers, sync_bn, queue_depth), workers)
-    incumbent, plan = None, None
-    try:  # AHD's best pipeline is one of the plans searched: it seeds the bound
-        plan = solve(profile, workers, memory_limit_mb, sync_bn, queue_depth)
-        times = rank_times(profile, plan, sync_bn)
-        incumbent = (max(times), sum(times))
-    except PlanError:  # no pipeline fits (memory, degrees); a free placement still may
-        pass
-    found = search.run(TIME, limit, incumbent)
+    costs = piece_costs(profile, workers, sync_bn, queue_depth)
+    candidates: List[Plan] = []  # in order of preference among equals
+    for seed in (lambda: solve(profile, workers, memory_limit_mb, sync_bn, queue_depth),
+                 lambda: ls_relay_plan(profile, workers)):
+        try:
+            plan = seed()
+        except PlanError:  # no such plan (memory, degrees, more workers than blocks)
+            continue
+        if max(rank_memory(profile, plan, queue_depth)) <= limit:
+            candidates.append(plan)
+            candidates.append(_build(improve(_layout(costs, workers, plan), limit).solution()))
+    incumbent = min((_value(profile, plan, sync_bn) for plan in candidates), default=None)
+    search = BranchAndBound(costs, workers)
+    found = search.run(TIME, limit, incumbent, budget)
     if found is not None:
-        plan = _build(found)
-    elif plan is None:
-        if memory_limit_mb is not None and search.run(MEMORY) is not None:
+        candidates.append(_build(found))
+    if not candidates:
+        _no_plan(profile, workers, memory_limit_mb, search, budget, queue_depth)
+    best = min(candidates, key=lambda plan: _value(profile, plan, sync_bn))  # the first of equals
+    best = _predicted(profile, best, sync_bn, queue_depth)
+    best.predicted["optimal"] = search.complete
+    if not search.complete:
+        best.predicted["bound_s"] = search.lower_bound(TIME, limit)
+    return best
+
+
+def ls_relay_plan(profile: Profile, workers: int) -> Plan:
+    """LS's bins as a relay plan: every student block alone on the worker that LS's greedy packing gives it (on
+    one-device step costs), the whole teacher chain on the worker with the lightest bin (co-located there)."""
+    n = len(profile.blocks)
+    if workers > n:
+        raise PlanError(f"LS gives every worker whole blocks: {workers} workers > {n} blocks")
+    bins = greedy_assignment([b.teacher_s[1] + b.student_s[1] for b in profile.blocks], workers)
+    load = [sum(profile.blocks[i].student_s[1] for i in blocks) for blocks in bins]
+    teacher = min(range(workers), key=lambda r: (load[r], r))
+    students = tuple(Placement(i, (r,)) for r, blocks in enumerate(bins) for i in blocks)
+    return Plan([Phase((Relay(0, n, (teacher,)),), tuple(sorted(students, key=lambda p: p.block)))])
+
+
+def _value(profile: Profile, plan: Plan, sync_bn: bool) -> Tuple[float, float]:
+    times = rank_times(profile, plan, sync_bn)
+    return max(times), sum(times)
+
+
+def _layout(costs: PieceCosts, workers: int, plan: Plan) -> Layout:
+    phase = plan.phases[0]
+    return Layout(costs, workers, [(r.start, r.stop, r.ranks) for r in phase.relays],
+                  {p.block: p.ranks for p in phase.students})
+
+
+def _no_plan(profile: Profile, workers: int, memory_limit_mb: Optional[float], search: BranchAndBound,
+             budget: Optional[int], queue_depth: int) -> None:
+    """Raise why no plan came out: the memory limit (naming the least that fits), the degrees, or the budget."""
+    degrees = profiled_degrees(profile, workers)
+    if not search.complete:
+        raise PlanError(f"no plan for {workers} workers found within the search budget of {budget} nodes (memory "
+                        f"limit {memory_limit_mb} MB); raise the budget or the memory limit")
+    if memory_limit_mb is not None:
+        fits = search.run(MEMORY, budget=budget)
+        if fits is not None:
+            need = min(smallest_memory_limit(profile, workers, queue_depth), search.best[0])
+            what = "the smallest feasible limit is" if search.complete else "a limit that fits is"
             raise InfeasibleMemoryError(f"no plan for {workers} workers fits {memory_limit_mb:.1f} MB per device; "
-                                        f"the smallest feasible limit is {search.best[0]:.1f} MB")
-        raise PlanError(f"no plan uses exactly {workers} workers for {len(profile.blocks)} blocks with {degrees} "
-                        f"devices per link or student block (batch {profile.batch_size}); profile up to {workers} "
-                        f"devices (nni-pipebd profile CONFIG --workers {workers})")
-    return _predicted(profile, plan, sync_bn, queue_depth)
+                                        f"{what} {need:.1f} MB")
+    raise PlanError(f"no plan uses exactly {workers} workers for {len(profile.blocks)} blocks with {degrees} "
+                    f"devices per link or student block (batch {profile.batch_size}); profile up to {workers} "
+                    f"devices (nni-pipebd profile CONFIG --workers {workers})")
 
 
 def piece_costs(profile: Profile, workers: int, sync_bn: bool = True, queue_depth: int = 2) -> PieceCosts:
