@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -160,6 +162,11 @@ class BranchAndBound:
             return False
         tol_max, tol_sum = _TOL * abs(best_max), _TOL * abs(best_sum)
         return lb_max > best_max + tol_max or (lb_max >= best_max - tol_max and lb_sum >= best_sum - tol_sum)
+
+    def _ceiling(self) -> float:
+        """The largest total an option may reach and still lead to a better plan."""
+        best_max = self.best[0]
+        return best_max + _TOL * abs(best_max) if best_max < math.inf else math.inf
 
     def _better(self, value: Tuple[float, float]) -> bool:
         best_max, best_sum = self.best
@@ -334,11 +341,12 @@ class BranchAndBound:
         current = max(loads)
         classes = self._classes(link_less=True)
         available = sum(len(group) for group in classes)
+        by_size = _subsets(classes)
         options = []
         for g in self.degrees:
             if g > available:
                 break
-            subsets = list(_subsets(classes, g))
+            subsets = by_size.get(g, [])
             for start in range(lo, b + 1):
                 for stop in range(b + 1, hi + 1):
                     inc = [self.prefix[m][g][stop] - self.prefix[m][g][start] + self.costs.link_in[m][start][g]
@@ -387,19 +395,26 @@ class BranchAndBound:
             options.append((max(current, max(loads[r] for r in own) + here[o]), own, here, None, g * here[o] - least))
         stay = [c.teacher_only[TIME][b][g], c.teacher_only[MEMORY][b][g]]
         if all(others[r] + stay[x] <= self.limit for r in own):
-            own_top = max(loads[r] for r in own) + stay[o]
-            classes = self._classes(link_less=False)
+            own_top = max(current, max(loads[r] for r in own) + stay[o])
+            by_size = _subsets(self._classes(link_less=False))
+            # per class head: its objective and other total, with the link's own increment where it applies
+            mine, theirs = list(loads), list(others)
+            for r in own:
+                mine[r] += stay[o]
+                theirs[r] += stay[x]
+            limit = self.limit
+            ceiling = self._ceiling()
             for h in self.degrees:
-                fed = [c.fed[TIME][b][h], c.fed[MEMORY][b][h]]
-                for ranks, heads in _subsets(classes, h):
-                    if ranks == own:
+                fed_o, fed_x = c.fed[o][b][h], c.fed[x][b][h]
+                if fed_o == math.inf:
+                    continue
+                fed, work = [c.fed[TIME][b][h], c.fed[MEMORY][b][h]], h * fed_o + g * stay[o] - least
+                for ranks, heads in by_size.get(h, ()):
+                    if ranks == own or max(theirs[r] for r in heads) + fed_x > limit:
                         continue
-                    # a rank of the own link that also trains the student gets both increments
-                    if any(others[r] + fed[x] + (stay[x] if r in own else 0.0) > self.limit for r in ranks):
-                        continue
-                    top = max(current, own_top, max(loads[r] + fed[o] + (stay[o] if r in own else 0.0)
-                                                    for r in ranks))
-                    options.append((top, ranks, fed, stay, h * fed[o] + g * stay[o] - least))
+                    top = max(own_top, max(mine[r] for r in heads) + fed_o)
+                    if top <= ceiling:
+                        options.append((top, ranks, fed, stay, work))
         level = self.level
         options.sort(key=lambda option: (max(option[0], level), option[-1]))
         link[4] -= 1
@@ -446,21 +461,19 @@ def _water_level(ordered: Sequence[float], work: float) -> float:
     return math.inf
 
 
-def _subsets(classes: List[List[int]], size: int) -> Iterator[Tuple[Tuple[int, ...], Tuple[int, ...]]]:
-    """(sorted ranks, one rank per class used) of every way to take ``size`` ranks, up to interchangeable ones."""
-    counts = [0] * len(classes)
+def _subsets(classes: List[List[int]]) -> Dict[int, List[Tuple[Tuple[int, ...], Tuple[int, ...]]]]:
+    return _subsets_of(tuple(tuple(group) for group in classes))
 
-    def rec(i: int, left: int):
-        if left == 0:
-            chosen = [r for group, m in zip(classes, counts) for r in group[:m]]
+
+@functools.lru_cache(maxsize=4096)
+def _subsets_of(classes: Tuple[Tuple[int, ...], ...]) -> Dict[int, List[Tuple[Tuple[int, ...], Tuple[int, ...]]]]:
+    """Per size: (sorted ranks, first rank of every class used) of every way to take that many ranks, up to
+    interchangeable ones (the first ``m`` ranks of a class stand for any ``m`` of it)."""
+    out: Dict[int, list] = {}
+    for counts in itertools.product(*(range(len(group) + 1) for group in classes)):
+        size = sum(counts)
+        if size:
+            ranks = tuple(sorted(r for group, m in zip(classes, counts) for r in group[:m]))
             heads = tuple(group[0] for group, m in zip(classes, counts) if m)
-            yield tuple(sorted(chosen)), heads
-            return
-        if i == len(classes):
-            return
-        for m in range(min(left, len(classes[i])), -1, -1):
-            counts[i] = m
-            yield from rec(i + 1, left - m)
-        counts[i] = 0
-
-    yield from rec(0, size)
+            out.setdefault(size, []).append((ranks, heads))
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -69,19 +70,18 @@ class Layout:
 
 
 def improve(layout: Layout, limit: float = math.inf, rounds: int = 50) -> Layout:
-    """Descend from ``layout`` by the best of these moves until none helps (or ``rounds`` passes): place one
+    """Descend from ``layout`` by the first of these moves that helps until none does (or ``rounds``): place one
     student block anew (any ranks, any degree, or its link's ranks), move a link boundary by one block, give a
     link one rank more or less, split a link or merge two. Keeps ``layout`` valid under ``limit``."""
     best = _settle(layout, limit)
     for _ in range(rounds):
-        chosen = None
         for candidate in _neighbours(best):
             candidate = _settle(candidate, limit)  # a rank the move emptied gets students here
-            if candidate.valid(limit) and _smaller(candidate.key(), (chosen or best).key()):
-                chosen = candidate
-        if chosen is None:
+            if candidate.valid(limit) and _smaller(candidate.key(), best.key()):
+                best = candidate
+                break
+        else:
             return best
-        best = chosen
     return best
 
 
@@ -108,15 +108,27 @@ def _best_student(layout: Layout, b: int, limit: float) -> Optional[Layout]:
     now = [list(base[TIME]), list(base[MEMORY])]
     _shift(c, now, b, current, own, +1)
     best_key, best_ranks = tuple(sorted(now[TIME], reverse=True)), None
+    times, memory = base
     for h in c.degrees:
-        for ranks in itertools.combinations(range(w), h):
+        fed_t, fed_m = c.fed[TIME][b][h], c.fed[MEMORY][b][h]
+        for ranks in _combinations(w, h):
             if ranks == current:
                 continue
-            trial = [list(base[TIME]), list(base[MEMORY])]
-            _shift(c, trial, b, ranks, own, +1)
-            if max(trial[MEMORY]) > limit:
-                continue
-            key = tuple(sorted(trial[TIME], reverse=True))
+            if ranks == own:
+                trial = [list(times), list(memory)]
+                _shift(c, trial, b, ranks, own, +1)
+                if max(trial[MEMORY]) > limit:
+                    continue
+                key = tuple(sorted(trial[TIME], reverse=True))
+            else:  # cheap rejections first: the new largest total, the memory limit
+                if max(times[r] for r in ranks) + fed_t > best_key[0] * (1 + 1e-12):
+                    continue
+                if max(memory[r] for r in ranks) + fed_m > limit:
+                    continue
+                trial = list(times)
+                for r in ranks:
+                    trial[r] += fed_t
+                key = tuple(sorted(trial, reverse=True))
             if _smaller(key, best_key):
                 best_key, best_ranks = key, ranks
     if best_ranks is None:
@@ -125,6 +137,11 @@ def _best_student(layout: Layout, b: int, limit: float) -> Optional[Layout]:
     students[b] = best_ranks
     moved = Layout(c, w, layout.links, students)
     return moved if moved.valid(limit) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _combinations(workers: int, size: int) -> Tuple[Tuple[int, ...], ...]:
+    return tuple(itertools.combinations(range(workers), size))
 
 
 def _smaller(a: Sequence[float], b: Sequence[float]) -> bool:

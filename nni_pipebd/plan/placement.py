@@ -124,7 +124,7 @@ def step_time(profile: Profile, plan: Plan, sync_bn: bool = True) -> float:
     return max(rank_times(profile, plan, sync_bn))
 
 
-DEFAULT_BUDGET = 50_000
+DEFAULT_BUDGET = 20_000
 """Nodes the exact search may visit by default (a few seconds in CPython); ``None``: no cap."""
 
 
