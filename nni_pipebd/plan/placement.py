@@ -186,8 +186,9 @@ def place(profile: Profile, workers: int, memory_limit_mb: Optional[float] = Non
         except PlanError:  # no such plan (memory, degrees, more workers than blocks)
             continue
         if max(rank_memory(profile, plan, queue_depth)) <= limit:
-            candidates.append(plan)
-            candidates.append(_build(improve(_layout(costs, workers, plan), limit).solution()))
+            layout = _layout(costs, workers, plan)
+            candidates.append(_build(layout.solution()))  # ranks renumbered: the teacher chain from rank 0
+            candidates.append(_build(improve(layout, limit).solution()))
     incumbent = min((_value(profile, plan, sync_bn) for plan in candidates), default=None)
     search = BranchAndBound(costs, workers)
     found = search.run(TIME, limit, incumbent, budget)
