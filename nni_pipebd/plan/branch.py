@@ -6,7 +6,7 @@ import functools
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["PieceCosts", "BranchAndBound", "Solution"]
 
@@ -57,15 +57,19 @@ class BranchAndBound:
     (every interval around it that fits between the existing links, every degree, every set of link-less
     ranks), then its student gets its link's ranks or any other set of ``h`` ranks. It is exact:
 
-    - ranks are identical, so two ranks with the same totals, the same link state and the same
-      emptiness are interchangeable; only the first ``m`` ranks of every such class are tried (each plan is
-      reached in one rank labelling at least);
-    - every piece adds a non-negative amount, so a node is cut only by lower bounds of any completion: the
-      largest total so far, water-filling the least remaining work (each block's cheapest way to finish) over
-      the ranks, each of the next blocks' cheapest placement on the least loaded ranks, and the sum so far plus
-      the least remaining work for the tie-break;
-    - options of a block are tried from the least resulting maximum, and the rest are cut once one exceeds the
-      best found.
+    - ranks are identical, so two ranks with the same totals, the same link state and the same emptiness are
+      interchangeable; only the first ``m`` ranks of every such class are tried (every plan is still reached
+      under some labelling of the ranks);
+    - every piece adds a non-negative amount, so a node is cut only by lower bounds of every completion: the
+      largest total so far; water-filling the least work left (each block's cheapest way to finish) over the
+      ranks; each of the next blocks on its least loaded ranks; and :meth:`_least_work` (pieces must fit under
+      the best maximum, so a block too big for one rank pays for its split, and a rank holds one piece bigger
+      than half of it); the sum so far plus the least work left bounds the tie-break;
+    - the options of a block are tried from the least resulting maximum (up to the node's bound, then the
+      least wasted work), those that exceed the best maximum are skipped.
+
+    Its cost grows quickly with the devices and blocks (the optima of such packings are many and close):
+    ``budget`` stops it after that many nodes with the best plan found so far (:attr:`complete` is then false).
     """
 
     def __init__(self, costs: PieceCosts, workers: int):

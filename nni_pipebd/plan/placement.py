@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
-from .plan import Phase, Placement, Plan, PlanError, Relay, Stage
 from .branch import MEMORY, TIME, BranchAndBound, PieceCosts, Solution
 from .improve import Layout, improve
 from .partition import greedy_assignment
+from .plan import Phase, Placement, Plan, PlanError, Relay, Stage
 from .profiler import MB, Profile
 from .solver import InfeasibleMemoryError, smallest_memory_limit, solve
 

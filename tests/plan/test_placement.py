@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from nni_pipebd.plan.plan import Phase, Placement, Plan, PlanError, Relay, Stage
+from nni_pipebd.plan.plan import Phase, Placement, Plan, PlanError, Relay
 from nni_pipebd.plan.placement import (ls_relay_plan, place, profiled_degrees, rank_memory, rank_times,
                                        step_time)
 from nni_pipebd.plan.profiler import MB, BlockProfile, LinkModel, Profile
