@@ -217,3 +217,11 @@ def test_old_profiles_load_and_guess_the_output_size():
     assert [b.activation_out_bytes for b in profile.blocks] == [None, None]
     assert [profile.out_bytes(i) for i in range(2)] == [2000, 2000]  # the next block's input; the last: its own
     assert hand_profile().out_bytes(1) == 500
+
+
+def test_a_spent_budget_returns_the_best_found_and_a_bound():
+    profile = linked_profile(random.Random(7), 9, 4)
+    plan = place(profile, 4, budget=300)
+    plan.validate(9, 4, profile.batch_size)
+    assert plan.predicted["optimal"] is False
+    assert 0 < plan.predicted["bound_s"] <= plan.predicted["step_s"] <= solve(profile, 4).predicted["step_s"]
