@@ -95,7 +95,10 @@ def _plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
         print(plan.grid(len(profile.blocks)))
-        print(f"predicted step: {1e3 * plan.predicted['step_s']:.1f} ms (slowest stage)")
+        slowest = "slowest stage" if plan.is_pipeline else "slowest rank"
+        if plan.predicted.get("optimal") is False:
+            slowest += f"; best found, none below {1e3 * plan.predicted['bound_s']:.1f} ms"
+        print(f"predicted step: {1e3 * plan.predicted['step_s']:.1f} ms ({slowest})")
     return 0
 
 
@@ -263,7 +266,8 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--out", help="profile JSON (default: the cache, $NNI_PIPEBD_CACHE or ~/.cache/nni_pipebd)")
     profile.set_defaults(func=_profile)
 
-    plan = commands.add_parser("plan", help="solve for pipeline stages and devices per stage (Pipe-BD AHD)")
+    plan = commands.add_parser("plan", help="plan teacher links and where every student block trains "
+                                            "(execution.placement: free; stages: Pipe-BD AHD)")
     plan.add_argument("config")
     plan.add_argument("--workers", type=int, required=True)
     plan.add_argument("--memory-limit", type=float, help="MB per device")

@@ -304,6 +304,10 @@ class ExecutionConfig:
         file (``nni-pipebd plan``); replaces ``boundaries``.
     memory_limit_mb : float, optional
         ``pipebd`` with ``plan: auto``: per-device memory limit the solver must respect.
+    placement : str
+        ``pipebd`` with ``plan: auto``: ``free`` (default) places every student block on any devices, fed with
+        its teacher block's input and target (:func:`nni_pipebd.plan.placement.place`); ``stages`` keeps
+        Pipe-BD's stages, each student on its teacher block's devices (AHD, :func:`nni_pipebd.plan.solver.solve`).
     block_costs : list of [float, float], optional
         Per block, the cost of its teacher forward and of its student step (e.g. measured seconds), used to
         balance ``pipebd`` stages and ``ls`` assignments; default: estimated from multiply-accumulates.
@@ -334,6 +338,7 @@ class ExecutionConfig:
     queue_depth: int = 2
     plan: Optional[str] = None
     memory_limit_mb: Optional[float] = None
+    placement: str = "free"
     block_costs: Optional[list] = None
     checkpoint_every: Optional[int] = None
     precision: str = "fp32"
@@ -447,6 +452,7 @@ _CHOICES = {
     "execution.backend": ("auto", "gloo", "nccl"),
     "execution.device": ("auto", "cpu", "cuda"),
     "execution.precision": ("fp32", "bf16", "fp16"),
+    "execution.placement": ("free", "stages"),
 }
 _DATA_NAMES = ("digits", "synthetic", "cifar10", "imagefolder")
 _POSITIVE = (

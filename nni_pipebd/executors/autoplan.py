@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from ..config import Config
 from ..job import build_job
+from ..plan.placement import place
 from ..plan.plan import Plan
 from ..plan.profiler import LinkModel, Profile, load_or_none, profile_job, profile_key
 from ..plan.solver import solve
@@ -62,10 +63,13 @@ def get_profile(config: Config, workers: int, path: Union[str, Path, None] = Non
 
 
 def auto_plan(config: Config, workers: int, profile_path: Union[str, Path, None] = None) -> Tuple[Plan, Profile]:
-    """Profile (or reuse) and solve for ``workers`` devices under ``execution.memory_limit_mb``."""
+    """Profile (or reuse) and plan for ``workers`` devices under ``execution.memory_limit_mb``: free student
+    placement (``execution.placement: free``, :func:`~nni_pipebd.plan.placement.place`) or Pipe-BD's stages
+    (``stages``, :func:`~nni_pipebd.plan.solver.solve`)."""
     profile = get_profile(config, workers, profile_path)
     execution = config.execution
-    plan = solve(profile, workers, execution.memory_limit_mb, execution.sync_bn, execution.queue_depth)
+    plan_with = place if execution.placement == "free" else solve
+    plan = plan_with(profile, workers, execution.memory_limit_mb, execution.sync_bn, execution.queue_depth)
     return plan, profile
 
 

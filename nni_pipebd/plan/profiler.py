@@ -42,7 +42,9 @@ class BlockProfile:
     forward+backward+step; ``memory_mb``: per-device memory of the block (weights, optimizer state,
     activations); ``activation_in_bytes``: bytes per sample entering the block; ``grad_bytes``: bytes of the
     gradients all-reduced per step (mean over sampled paths); ``bn_layers``: BatchNorm layers on a path;
-    ``teacher_mb``: the teacher block's weights (included in ``memory_mb``).
+    ``teacher_mb``: the teacher block's weights (included in ``memory_mb``); ``activation_out_bytes``: bytes per
+    sample leaving the block (the teacher target; ``None`` in profiles saved before it was measured: the next
+    block's ``activation_in_bytes``, or this block's own for the last block, see :meth:`Profile.out_bytes`).
     """
 
     teacher_s: Dict[int, float]
@@ -52,6 +54,7 @@ class BlockProfile:
     grad_bytes: float
     bn_layers: float
     teacher_mb: float = 0.0
+    activation_out_bytes: Optional[int] = None
 
 
 @dataclass
@@ -80,6 +83,15 @@ class Profile:
         return (base.latency_s * (devices - 1) / max(g0 - 1, 1)
                 + nbytes * base.s_per_byte * ((devices - 1) / devices) / ((g0 - 1) / g0))
 
+    def out_bytes(self, index: int) -> int:
+        """Bytes per sample leaving block ``index``: measured, else the next block's input (the last block: its
+        own input, a guess for profiles saved before outputs were measured)."""
+        block = self.blocks[index]
+        if block.activation_out_bytes is not None:
+            return block.activation_out_bytes
+        following = self.blocks[index + 1] if index + 1 < len(self.blocks) else block
+        return following.activation_in_bytes
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -89,7 +101,8 @@ class Profile:
             return {int(k): float(v) for k, v in d.items()}
         blocks = [BlockProfile(keyed(b["teacher_s"]), keyed(b["student_s"]), keyed(b["memory_mb"]),
                                int(b["activation_in_bytes"]), float(b["grad_bytes"]), float(b["bn_layers"]),
-                               float(b.get("teacher_mb", 0.0)))
+                               float(b.get("teacher_mb", 0.0)),
+                               None if b.get("activation_out_bytes") is None else int(b["activation_out_bytes"]))
                   for b in raw["blocks"]]
         return cls(raw["key"], raw["device"], int(raw["batch_size"]), int(raw["max_devices"]), blocks,
                    LinkModel(**raw["p2p"]), {int(g): LinkModel(**m) for g, m in raw["allreduce"].items()})
@@ -166,7 +179,8 @@ def profile_job(job: Job, max_devices: int, device: torch.device = torch.device(
             else:
                 mem[g] = _cpu_memory_mb(teacher, trainer, xs, ys, slots, precision)
         blocks.append(BlockProfile(t_s, s_s, mem, int(x[0].numel() * x.element_size()),
-                                   sum(grads) / len(grads), sum(bns) / len(bns), _bytes(teacher) / MB))
+                                   sum(grads) / len(grads), sum(bns) / len(bns), _bytes(teacher) / MB,
+                                   int(y[0].numel() * y.element_size())))
         x = y
     return Profile(profile_key(job, max_devices, device), device.type, batch, max_devices, blocks)
 

@@ -8,6 +8,7 @@ from conftest import assert_same_blocks, tiny_config
 from nni_pipebd.cli import main
 from nni_pipebd.executors.autoplan import auto_plan, get_profile
 from nni_pipebd.executors.launch import train
+from nni_pipebd.plan.plan import Plan
 from nni_pipebd.plan.solver import InfeasibleMemoryError
 
 pytestmark = pytest.mark.timeout(300)
@@ -29,9 +30,11 @@ def test_profile_is_measured_once_then_reused(tmp_path):
     assert get_profile(config, 2).to_dict() == profile.to_dict()  # same key: read back, not measured
 
 
-def test_train_plan_auto_matches_reference(tmp_path):
+@pytest.mark.parametrize("placement", ["free", "stages"])
+def test_train_plan_auto_matches_reference(tmp_path, placement):
     ref = train(tiny_config(tmp_path), tmp_path / "ref")
-    auto = train(tiny_config(tmp_path, execution={"executor": "pipebd", "workers": 2, "plan": "auto"}),
+    auto = train(tiny_config(tmp_path, execution={"executor": "pipebd", "workers": 2, "plan": "auto",
+                                                  "placement": placement}),
                  tmp_path / "auto")
     assert (tmp_path / "auto" / "plan.json").is_file()
     assert auto["config"]["execution"]["plan"].endswith("plan.json")
@@ -46,9 +49,9 @@ def test_plan_cli_json_and_memory_errors(tmp_path, capsys, caplog):
     path.write_text(yaml.safe_dump(tiny_config(tmp_path).to_dict()))
     assert main(["plan", str(path), "--workers", "3", "--json", "--out", str(tmp_path / "plan.json")]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert sum(stage["devices"] for stage in plan["stages"]) == 3
-    assert len(plan["predicted"]["stage_s"]) == len(plan["stages"])
-    assert json.loads((tmp_path / "plan.json").read_text())["stages"] == plan["stages"]
+    assert Plan.from_dict(plan).validate(5, 3, 8).workers == 3  # free placement: stages or phases
+    assert len(plan["predicted"]["rank_s"]) == 3 and plan["predicted"]["step_s"] == max(plan["predicted"]["rank_s"])
+    assert Plan.load(tmp_path / "plan.json") == Plan.from_dict(plan)
     assert main(["plan", str(path), "--workers", "3", "--memory-limit", "0.001"]) == 2
     assert "smallest feasible limit is" in caplog.text
     with pytest.raises(InfeasibleMemoryError):

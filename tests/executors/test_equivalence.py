@@ -187,7 +187,7 @@ def run_config(tmp_path, name, config, **kwargs):
     ({"executor": "ls", "workers": 2}, True),
     ({"executor": "pipebd", "workers": 2}, True),
     ({"executor": "pipebd", "workers": 3, "decoupled": False}, True),
-    ({"executor": "pipebd", "workers": 2, "plan": "auto"}, False),
+    ({"executor": "pipebd", "workers": 2, "plan": "auto"}, False),  # free placement (may split a batch)
 ])
 def test_user_teacher_and_data_every_executor(tmp_path, execution, exact):
     ref, manifest = run_config(tmp_path, "ref", user_config())
@@ -248,7 +248,7 @@ def user_space_reference(tmp_path_factory):
     ({"executor": "dp", "workers": 2}, False),
     ({"executor": "ls", "workers": 2}, True),
     ({"executor": "pipebd", "workers": 2}, True),
-    ({"executor": "pipebd", "workers": 2, "plan": "auto"}, False),
+    ({"executor": "pipebd", "workers": 2, "plan": "auto"}, False),  # free placement (may split a batch)
 ])
 def test_user_block_space_every_executor(tmp_path, user_space_reference, execution, exact):
     ref, manifest = user_space_reference

@@ -27,7 +27,7 @@ def test_existing_library_is_kept_unless_overwrite(tmp_path):
     out = tmp_path / "lib"
     first = train(config, out)
     assert sorted(p.name for p in out.iterdir()) == ["block_0.pt", "block_1.pt", "block_2.pt", "block_3.pt",
-                                                     "block_4.pt", "library.json"]
+                                                     "block_4.pt", "library.json", "logs"]
     with pytest.raises(FileExistsError, match="--overwrite"):
         train(config, out)
     second = train(config, out, overwrite=True)
