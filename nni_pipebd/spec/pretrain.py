@@ -35,24 +35,28 @@ def prepare_teacher(config: Config) -> None:
 
 
 def train_teacher(config: Config, path: Path) -> Dict[str, float]:
-    """Train the configured teacher with cross-entropy on the training split and save its state_dict to ``path``."""
+    """Train the configured teacher with cross-entropy on the training split and save its state_dict to ``path``.
+
+    Initialisation, data order and dropout are seeded by ``distill.seed`` (the global RNG is left as it was), so a
+    teacher trained on first use is the same on every run (at the same torch thread count).
+    """
     t, data = config.model.teacher, config.data
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.distill.seed)
-        model = build_teacher(dataclasses.replace(config.model.teacher, checkpoint=None), config.base_dir)
     train_set = build_dataset(data, config.base_dir, "train")
     order = BatchOrder(len(train_set), data.batch_size, config.distill.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3,
-                                                    total_steps=t.train_epochs * order.steps_per_epoch)
-    model.train()
-    for epoch in range(t.train_epochs):
-        for images, labels in make_loader(train_set, order.batches(epoch), data.num_workers):
-            loss = F.cross_entropy(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+    with torch.random.fork_rng(devices=[]):  # initialisation and dropout: the same teacher on every run
+        torch.manual_seed(config.distill.seed)
+        model = build_teacher(dataclasses.replace(config.model.teacher, checkpoint=None), config.base_dir)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3,
+                                                        total_steps=t.train_epochs * order.steps_per_epoch)
+        model.train()
+        for epoch in range(t.train_epochs):
+            for images, labels in make_loader(train_set, order.batches(epoch), data.num_workers):
+                loss = F.cross_entropy(model(images), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
     accuracy = evaluate(model, build_dataset(data, config.base_dir, "val"), data.batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(model.state_dict(), path)
