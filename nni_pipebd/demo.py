@@ -164,8 +164,8 @@ def _speed_runs(config: Config, folder: Path, workers: int, overwrite: bool, pro
                             ("dp", {"executor": "dp", "workers": workers, "sync_bn": False})):
         runs[name] = train(short.replace(execution=execution), folder / name, overwrite=overwrite, progress=progress)
     pipe, dp = runs["pipebd"], runs["dp"]
-    return {"work": f"{SPEED_EPOCHS} epoch(s) per block, until: epochs, {pipe['counters']['samples_per_block']} "
-                    "samples per block",
+    epochs = f"{SPEED_EPOCHS} epoch" + ("s" if SPEED_EPOCHS != 1 else "")
+    return {"work": f"{epochs} per block, until: epochs, {pipe['counters']['samples_per_block']} samples per block",
             "workers": workers, "pipebd_train_s": pipe["train_time_s"], "dp_train_s": dp["train_time_s"],
             "speedup_vs_dp": dp["train_time_s"] / pipe["train_time_s"],
             "teacher_block_forwards_per_sample": {"pipebd": pipe["counters"]["teacher_block_forwards_per_sample"],
@@ -182,7 +182,7 @@ def _summary(config: Config, cached: bool, pipe: Dict[str, Any], speed: Dict[str
     return {
         "teacher": {"model": t.class_path or t.arch or "mobilenet_v2", "accuracy": teacher["val_accuracy"],
                     "params": teacher["params"], "flops": teacher["flops"],
-                    "checkpoint": "cached" if cached else f"trained now ({t.train_epochs} epochs)"},
+                    "checkpoint": "cached checkpoint" if cached else f"trained in this run, {t.train_epochs} epochs"},
         "library": {"executor": "pipebd", "workers": pipe["workers"], "train_s": pipe["train_time_s"],
                     "until": config.distill.until, "epochs_cap": config.distill.epochs, "stops": stops},
         "architecture": best["sample"],

@@ -43,7 +43,7 @@ def test_demo_end_to_end_on_tiny_job(tmp_path, capsys):
     path.write_text(yaml.safe_dump(raw))
     assert main(["-q", "demo", "--config", str(path), "--out", str(tmp_path / "demo"), "--finetune-epochs", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "Pipe-BD vs DNA's dp on 2 workers, same work (1 epoch(s) per block, until: epochs" in printed
+    assert "Pipe-BD vs DNA's dp on 2 workers, same work (1 epoch per block, until: epochs" in printed
     assert "searched architecture" in printed and "x the teacher's**" in printed and "logs:" in printed
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["speed"]["teacher_block_forwards_per_sample"] == {"pipebd": 5, "dp": 15}
