@@ -22,6 +22,7 @@ def digits_config(tmp_path):
     raw["model"]["teacher"]["checkpoint"] = "teacher.pt"
     raw["execution"]["threads_per_worker"] = 1
     raw["distill"]["optimizer"] = "sgd"  # Adam turns rounding-size gradient differences into lr-size steps
+    raw["distill"].update({"epochs": 2, "until": "epochs"})
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -37,7 +38,9 @@ def test_train_digits_reference_then_dp(digits_config, tmp_path, caplog, capsys)
     assert manifest["num_blocks"] == 6 and manifest["executor"] == "reference"
     assert manifest["config"]["data"]["name"] == "digits"
     assert all(len(block["losses"]) == 2 and block["steps"] == 4 for block in manifest["blocks"])  # 2 epochs x 2
-    assert manifest["blocks"][0]["choices"]["s0_i0"] == ["k3e3", "k3e6", "k5e3", "k5e6", "k7e3", "k7e6"]
+    student = yaml.safe_load(EXAMPLE.read_text())["model"]["student"]
+    assert manifest["blocks"][0]["choices"]["s0_i0"] == [f"k{k}e{e}" for k in student["kernels"]
+                                                          for e in student["expansions"]]
     capsys.readouterr()
     assert main(["train", str(digits_config), "--executor", "dp", "--workers", "2", "--max-steps", "2",
                  "--out", str(b), "--json"]) == 0

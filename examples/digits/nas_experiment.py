@@ -28,7 +28,8 @@ def main() -> None:
     parser.add_argument("--config", default=str(HERE / "config.yaml"), help="job YAML")
     parser.add_argument("--library", default="runs/digits-nas/library", help="block library folder")
     parser.add_argument("--method", choices=["dna", "donna"], default="dna")
-    parser.add_argument("--budget", default="params=1M", help="params=N, flops=N or latency_ms=X")
+    parser.add_argument("--budget", default="params=420k",
+                        help="params=N, flops=N or latency_ms=X (default: 0.6x the teacher's parameters)")
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--predictor-archs", type=int, default=4, help="donna: architectures fitting the predictor")
     parser.add_argument("--executor", default="reference", help="reference, dp, ls or pipebd")

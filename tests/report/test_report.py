@@ -43,8 +43,18 @@ def test_demo_end_to_end_on_tiny_job(tmp_path, capsys):
     path.write_text(yaml.safe_dump(raw))
     assert main(["-q", "demo", "--config", str(path), "--out", str(tmp_path / "demo"), "--finetune-epochs", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "Pipe-BD vs DNA's dp on 2 workers" in printed and "searched architecture" in printed
+    assert "Pipe-BD vs DNA's dp on 2 workers, same work (1 epoch per block, until: epochs" in printed
+    assert "searched architecture" in printed and "x the teacher's**" in printed and "logs:" in printed
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["speed"]["teacher_block_forwards_per_sample"] == {"pipebd": 5, "dp": 15}
-    assert 0 <= summary["student"]["accuracy"] <= 1 and summary["architecture"]
+    student, teacher = summary["student"], summary["teacher"]
+    assert 0 <= student["accuracy"] <= 1 and summary["architecture"]
+    assert student["fraction_of_teacher_from_library"] == pytest.approx(
+        student["accuracy_from_library"] / teacher["accuracy"])
+    assert student["accuracy_gap_points"] == pytest.approx(100 * (teacher["accuracy"] - student["accuracy"]))
+    assert student["params_ratio"] == pytest.approx(student["params"] / teacher["params"])
+    assert [s["block"] for s in summary["library"]["stops"]] == list(range(5))
+    assert set(summary["times_s"]) == {"teacher", "library", "speed", "ranking", "search", "finetune", "report"}
+    for run in ("library", "speed/pipebd", "speed/dp"):
+        assert (tmp_path / "demo" / run / "library.json").is_file()
     assert (tmp_path / "demo" / "report" / "search.png").is_file()
