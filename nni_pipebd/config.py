@@ -287,6 +287,10 @@ class ExecutionConfig:
         ``auto``, ``cpu`` or ``cuda``.
     sync_bn : bool
         Synchronise BatchNorm statistics inside a data-parallel group (same math as one process).
+    grad_sync : str
+        How a student block whose batch is split over a group sums its gradients: ``flat`` (one all-reduce of
+        every gradient after backward) or ``ddp`` (``DistributedDataParallel``: bucketed all-reduces overlapped
+        with backward). Both give the same gradients up to float rounding.
     timeout_s : float
         Timeout of every collective and receive.
     threads_per_worker : int, optional
@@ -331,6 +335,7 @@ class ExecutionConfig:
     backend: str = "auto"
     device: str = "auto"
     sync_bn: bool = True
+    grad_sync: str = "flat"
     timeout_s: float = 300.0
     threads_per_worker: Optional[int] = None
     boundaries: Optional[list] = None
@@ -453,6 +458,7 @@ _CHOICES = {
     "execution.device": ("auto", "cpu", "cuda"),
     "execution.precision": ("fp32", "bf16", "fp16"),
     "execution.placement": ("free", "stages"),
+    "execution.grad_sync": ("flat", "ddp"),
 }
 _DATA_NAMES = ("digits", "synthetic", "cifar10", "imagefolder")
 _POSITIVE = (

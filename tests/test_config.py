@@ -41,6 +41,7 @@ def test_wrong_type_names_key_and_types():
     ("model", "teacher", {"boundaries": ["layer2", 1.5]}, r"\[1\.5\] are neither module names"),
     ("execution", "workers", 0, r"execution\.workers = 0 must be > 0"),
     ("execution", "placement", "any", r"placement = 'any' is not valid; choose one of \['free', 'stages'\]"),
+    ("execution", "grad_sync", "avg", r"grad_sync = 'avg' is not valid; choose one of \['flat', 'ddp'\]"),
     ("model", "student", {"kernels": [4]}, r"kernels = \[4\] must be odd"),
     ("data", "name", "cifar10", r"data\.root must name"),
     ("model", "teacher", {"train_precision": "bf16"},
