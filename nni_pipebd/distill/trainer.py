@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -48,6 +49,14 @@ class BlockTrainer:
         that autocast on the input's device (the loss itself in fp32), backward outside it; weights and optimizer
         stay fp32. ``fp16`` scales the loss with a ``torch.amp.GradScaler`` whose state is part of
         :meth:`full_state`.
+
+    Attributes
+    ----------
+    forward_module : nn.Module
+        What :meth:`forward_backward` calls: ``student`` itself (the default), or a wrapper of it whose hooks
+        reduce the gradients during backward (``DistributedDataParallel``, set by the runtime). A wrapper with
+        ``no_sync`` reduces only in the last of the ``paths_per_step`` backward passes. ``student`` stays the
+        module that is saved, loaded and given its path.
     """
 
     def __init__(self, index: int, student: nn.Module, config: DistillConfig, total_steps: int,
@@ -56,6 +65,7 @@ class BlockTrainer:
         self.index = index
         self.precision = precision
         self.student = student.train()
+        self.forward_module: nn.Module = self.student
         self.config = config
         self.loss_fn = get_loss(config.loss)
         self.sampler = PathSampler(getattr(student, "choices", {}), config.seed, index)
@@ -97,18 +107,22 @@ class BlockTrainer:
         factor = scale / k
         total = torch.zeros((), device=x.device)
         self.last_paths = []
-        for _ in range(k):
+        module = self.forward_module
+        for j in range(k):
             path = self.sampler.sample()
             if path:
                 self.student.set_path(path)
             self.last_paths.append(path)
-            with autocast(self.precision, x.device):
-                out = self.student(x)
-                if self._amp:  # the loss in fp32, whatever dtype autocast left the output and the target in
-                    out, target = out.float(), target.float()
-                loss = self.loss_fn(out, target)
-            scaled = loss * factor if factor != 1.0 else loss
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            # a reducing wrapper accumulates the first paths' gradients locally and reduces them with the last's
+            local = module.no_sync() if j < k - 1 and hasattr(module, "no_sync") else contextlib.nullcontext()
+            with local:
+                with autocast(self.precision, x.device):
+                    out = module(x)
+                    if self._amp:  # the loss in fp32, whatever dtype autocast left the output and the target in
+                        out, target = out.float(), target.float()
+                    loss = self.loss_fn(out, target)
+                scaled = loss * factor if factor != 1.0 else loss
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total = total + loss.detach()
         return total * factor if factor != 1.0 else total
 

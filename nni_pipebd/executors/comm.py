@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 from collections import deque
 from typing import Any, Deque, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-__all__ = ["allreduce_gradients", "Sender", "Receiver", "FlagSender", "FlagReceiver"]
+__all__ = ["allreduce_gradients", "data_parallel", "Sender", "Receiver", "FlagSender", "FlagReceiver"]
 
 
 def allreduce_gradients(params: List[torch.Tensor], loss: torch.Tensor, group=None,
@@ -32,6 +34,49 @@ def allreduce_gradients(params: List[torch.Tensor], loss: torch.Tensor, group=No
     if stop is None:
         return reduced[-1].reshape(())
     return reduced[-2].reshape(()), bool(reduced[-1].item() > 0)
+
+
+def data_parallel(module: nn.Module, group, device: torch.device) -> nn.Module:
+    """``module`` in ``DistributedDataParallel`` over ``group``: its gradients are SUMMED in bucketed all-reduces
+    that overlap with backward (``execution.grad_sync: ddp``), the same sums as :func:`allreduce_gradients`.
+
+    Each rank's loss is its share of the whole batch's (see ``BlockTrainer.forward_backward``), so the gradients
+    are summed, not averaged as DDP does by default: a communication hook all-reduces every bucket with SUM. A
+    supernet block trains one sampled path per step, so unused parameters are found at every step
+    (``find_unused_parameters``; a parameter no rank used keeps no gradient, as with the flat all-reduce). Buffers
+    are not broadcast (synchronised BatchNorm keeps them equal; without it each rank keeps its own, as in the flat
+    path). A module without trainable parameters is returned as it is (nothing to reduce).
+
+    Parameters
+    ----------
+    module : nn.Module
+        The student block, already on ``device`` (BatchNorm converted for the group, if synchronised).
+    group : ProcessGroup
+        The ranks that split the block's batch; every one of them wraps the block, in the same order.
+    device : torch.device
+        ``module``'s device (CUDA: its index becomes DDP's ``device_ids``).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not any(p.requires_grad for p in module.parameters()):
+        return module
+    ids = None
+    if device.type == "cuda":
+        ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    # no buffer broadcast before every forward (newer torch names it forward_sync_buffers and deprecates the old
+    # name; both still sync the buffers once at construction, where every rank's are equal anyway)
+    buffers = "forward_sync_buffers" if "forward_sync_buffers" in \
+        inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers"
+    wrapped = DistributedDataParallel(module, device_ids=ids, process_group=group, find_unused_parameters=True,
+                                      gradient_as_bucket_view=True, **{buffers: False})
+    wrapped.register_comm_hook(group, _sum_hook)
+    return wrapped
+
+
+def _sum_hook(group, bucket):  # no annotations: DDP rejects any but its own objects, and ours are strings
+    """DDP communication hook: SUM all-reduce of the bucket over ``group`` (DDP's own hook divides by its size)."""
+    work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
 
 
 _DATA = 0  # message tags: ``tag`` for a stream's rows, ``tag + 1`` for the step's stop flag beside them

@@ -13,7 +13,7 @@ from ..job import Job
 from ..plan.plan import Phase, Placement, Plan, RankRoutes
 from ..precision import autocast, formatted, memory_format, wire_dtype
 from .base import BlockReport, WorkerContext, WorkerReport, stage_state
-from .comm import FlagReceiver, FlagSender, Receiver, Sender, allreduce_gradients
+from .comm import FlagReceiver, FlagSender, Receiver, Sender, allreduce_gradients, data_parallel
 from .faults import inject
 from .syncbn import convert_sync_batchnorm
 
@@ -27,7 +27,8 @@ def run_plan(ctx: WorkerContext, job: Job, plan: Plan, save_block, label: Option
     Per step of a phase, a rank serving a relay link loads its rows (first link) or receives them (every other),
     runs its teacher blocks once under ``no_grad``, sends the activation on and the input/target rows of its blocks
     to students trained elsewhere; a rank training students assembles their rows, runs forward and backward,
-    all-reduces the gradients inside a multi-device placement (BatchNorm synchronised with ``execution.sync_bn``),
+    all-reduces the gradients inside a multi-device placement (BatchNorm synchronised with ``execution.sync_bn``;
+    one flat all-reduce after backward, or with ``execution.grad_sync: ddp`` DDP's bucketed ones during it),
     waits at a barrier when ``execution.decoupled`` is off, and steps. The phase's leader decides a stop and the
     decision travels with the step's messages, so every rank of a phase ends after the same step. A finished
     block is saved by the first rank of its placement.
@@ -146,6 +147,8 @@ class _Run:
                 student = convert_sync_batchnorm(student, group, device.type)
             trainers[placement.block] = BlockTrainer(placement.block, student, distill, job.steps_per_block,
                                                      precision)
+            if group is not None and execution.grad_sync == "ddp":  # gradients summed during backward
+                trainers[placement.block].forward_module = data_parallel(student, group, device)
             lo, hi = placement.rows(self.batch, ctx.rank)
             scales[placement.block] = (hi - lo) / self.batch if group is not None else 1.0
             self.report.blocks.setdefault(placement.block, BlockReport())
@@ -206,10 +209,13 @@ class _Run:
                     for placement in placements:
                         group = self.groups.get(tuple(sorted(placement.ranks)))
                         if group is not None:
+                            trainer = training[placement.block]
+                            # with grad_sync: ddp the gradients were summed in backward: only loss and stop flag
+                            params = [] if trainer.forward_module is not trainer.student else \
+                                trainer.parameters_with_grad()
                             with tracer.span("comm"):
-                                losses[placement.block], flag = allreduce_gradients(
-                                    training[placement.block].parameters_with_grad(), losses[placement.block],
-                                    group, last)
+                                losses[placement.block], flag = allreduce_gradients(params, losses[placement.block],
+                                                                                    group, last)
                             last = last or flag
                     if barrier is not None:
                         with tracer.span("wait"):
