@@ -14,7 +14,10 @@ links measured with real workers); the measured block costs are given to every e
 so pipebd stages and ls bins are balanced on measured time; TR+DPU+AHD runs the stage solver's plan and
 TR+DPU+place the free-placement planner's. From the same profile the planners predict W = 2, 4, 8, and the W = 2
 predictions are checked against the measured runs. ``dp`` is DNA's recipe (per-device BatchNorm); ``dp+syncBN`` is
-the same schedule with BatchNorm synchronised over the workers (the reference's math).
+the same schedule with BatchNorm synchronised over the workers (the reference's math). The ``+DDP`` rows sum the
+gradients of batch-split student blocks with DistributedDataParallel (``execution.grad_sync: ddp``: bucketed
+all-reduces overlapped with backward) instead of one flat all-reduce after it; an AHD plan without a multi-device
+stage splits no batch, so there the two AHD rows run the same code.
 """
 
 from __future__ import annotations
@@ -62,10 +65,12 @@ EXECUTORS = [  # (label, executor, extra execution settings; "plan" names one of
     ("reference", "reference", {}),
     ("dp", "dp", {"sync_bn": False}),            # DNA's code: per-device BatchNorm (the speed baseline)
     ("dp+syncBN", "dp", {"sync_bn": True}),      # same math as the reference (our default)
+    ("dp+syncBN+DDP", "dp", {"sync_bn": True, "grad_sync": "ddp"}),  # gradients summed by DDP during backward
     ("ls", "ls", {}),
     ("TR", "pipebd", {"decoupled": False, "plan": "pipeline"}),
     ("TR+DPU", "pipebd", {"decoupled": True, "plan": "pipeline"}),
     ("TR+DPU+AHD", "pipebd", {"decoupled": True, "plan": "ahd"}),
+    ("TR+DPU+AHD+DDP", "pipebd", {"decoupled": True, "plan": "ahd", "grad_sync": "ddp"}),
     ("TR+DPU+place", "pipebd", {"decoupled": True, "plan": "place"}),
 ]
 SIMULATED = (2, 4, 8)
