@@ -137,11 +137,13 @@ def test_dp_with_ddp_stops_together_and_resumes_to_the_reference(tmp_path, refer
 
     config = tiny_config(tmp_path, distill=DISTILL,
                          execution={"executor": "dp", "workers": 2, "grad_sync": "ddp", "checkpoint_every": 1})
-    run = tmp_path / "run"
+    run, finished = tmp_path / "run", threading.Event()
 
     def signal_after_the_first_checkpoints():
-        wait_for(checkpointed(run, ["rank0", "rank1"]), 120, "the first checkpoints")
-        os.kill(os.getpid(), signal.SIGTERM)  # to this process, the run's lead
+        ready = checkpointed(run, ["rank0", "rank1"])
+        wait_for(lambda: finished.is_set() or ready(), 120, "the first checkpoints")
+        if not finished.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)  # to this process, the run's lead
 
     monkeypatch.setenv(ENV, SLOW)  # rank 0 sleeps before every step: the run lasts long enough to signal
     previous = signal.signal(signal.SIGTERM, lambda *_: None)  # a signal that comes after the run does nothing
@@ -150,8 +152,9 @@ def test_dp_with_ddp_stops_together_and_resumes_to_the_reference(tmp_path, refer
         thread.start()
         with pytest.raises(RunStopped, match="stopped on SIGTERM after step") as stopped:
             train(config, run)
-        thread.join(10)
     finally:
+        finished.set()
+        thread.join(10)
         signal.signal(signal.SIGTERM, previous)
     step = stopped.value.step
     assert step < 15 and stopped_steps(run) == {"rank0": step, "rank1": step}
