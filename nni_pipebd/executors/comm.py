@@ -55,6 +55,11 @@ def data_parallel(module: nn.Module, group, device: torch.device) -> nn.Module:
         The ranks that split the block's batch; every one of them wraps the block, in the same order.
     device : torch.device
         ``module``'s device (CUDA: its index becomes DDP's ``device_ids``).
+
+    Returns
+    -------
+    nn.Module
+        The wrapper to call forward on (``BlockTrainer.forward_module``); ``module`` itself stays the one to save.
     """
     from torch.nn.parallel import DistributedDataParallel
 
