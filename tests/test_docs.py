@@ -41,11 +41,8 @@ CLASSIFIED = {
     # docs/benchmarks.md, docs/reliability.md, docs/search.md: benchmarks of minutes to hours
     "python benchmarks/executors.py --workers 2 --json benchmarks/results-cpu-w2.json": SCRIPT,
     "python benchmarks/soak.py --epochs 40": SCRIPT,
-    "python benchmarks/search_quality.py --identity --out runs/search-quality-identity "
-    "--json benchmarks/results-search-quality-identity.json": SCRIPT,
-    "python benchmarks/search_quality.py --out runs/search-quality --json benchmarks/results-search-quality.json": SCRIPT,
-    "python benchmarks/search_quality.py --identity --archs 16 --finetune-epochs 1 ...": SCRIPT,
-    "python benchmarks/search_quality.py --archs 16 --finetune-epochs 1 ...": SCRIPT,
+    "python benchmarks/search_quality.py --json benchmarks/results-search-quality.json --doc docs/search.md": SCRIPT,
+    "python benchmarks/search_quality.py --render benchmarks/results-search-quality.json --doc docs/search.md": SCRIPT,
     # docs/guide.md
     "nni-pipebd blocks examples/custom/config.yaml": RUN,
     # tests/test_cli.py::test_blocks_and_train_with_user_teacher_and_data runs this job (its teacher trained first)
@@ -57,12 +54,12 @@ CLASSIFIED = {
     # docs/quickstart.md, in this order: the library the first one writes serves the others
     "nni-pipebd train examples/digits/config.yaml --executor pipebd --workers 2 --out runs/lib": RUN,
     "nni-pipebd plan examples/digits/config.yaml --workers 4": RUN,
-    "nni-pipebd search runs/lib --method dna --budget params=1.2M --top-k 3 --out runs/archs.json": RUN,
+    "nni-pipebd search runs/lib --method dna --budget params=420k --top-k 3 --out runs/archs.json": RUN,
     "nni-pipebd finetune runs/lib --arch runs/archs.json": RUN,
     "nni-pipebd report runs/lib": RUN,
     # docs/search.md
     "nni-pipebd train examples/digits/config.yaml --out runs/digits": PARSE,  # quickstart's job, run above
-    "nni-pipebd search runs/digits --method dna --budget params=1.2M [--top-k 5] [--max-paths 64] --out archs.json "
+    "nni-pipebd search runs/digits --method dna --budget params=420k [--top-k 5] [--max-paths 64] --out archs.json "
     "[--json]": USAGE,
     "nni-pipebd search runs/digits --method donna --budget latency_ms=3.5 [--predictor-archs 8 --epochs 1] "
     "--out front.json": USAGE,

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 import torch.distributed as dist
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..job import build_job
 from ..library import atomic_save, save_object_file, block_path, load_manifest, remove_stale, write_manifest, MANIFEST
 from ..spec.pretrain import prepare_teacher
@@ -146,6 +146,10 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool, resume: bool, config: Confi
             raise CheckpointError(f"{out_dir} holds no checkpoints of an interrupted run ({saved_config} is "
                                   "missing); train with execution.checkpoint_every set to be able to resume")
         before = json.loads(saved_config.read_text())
+        try:  # settings added to the config since the run was interrupted take their defaults
+            before = Config.from_dict(before, config.base_dir).to_dict()
+        except (ConfigError, TypeError):
+            pass  # compared as saved: every difference is named
         changed = _changed_keys(before, config.to_dict())
         if changed:
             raise CheckpointError(f"cannot resume {out_dir} with a changed config: {', '.join(changed)}; resume "

@@ -1,5 +1,6 @@
 """Checkpoints: an interrupted run resumed ends with weights bitwise-equal to an uninterrupted one."""
 
+import json
 import os
 
 import pytest
@@ -49,6 +50,12 @@ def test_resume_refuses_changed_config_and_missing_checkpoints(tmp_path, monkeyp
     changed = tiny_config(tmp_path, distill={"epochs": 2, "max_steps_per_epoch": 3, "lr": 0.5},
                           execution={"checkpoint_every": 2})
     with pytest.raises(CheckpointError, match=r"changed config: distill\.lr \(0\.05 -> 0\.5\)"):
+        train(changed, run, resume=True)
+    saved = json.loads((run / "checkpoints" / "config.json").read_text())
+    del saved["execution"]["grad_sync"]  # a run interrupted before the setting existed: it takes its default
+    saved["distill"]["lr"] = 0.7
+    (run / "checkpoints" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(CheckpointError, match=r"changed config: distill\.lr \(0\.7 -> 0\.5\); resume"):
         train(changed, run, resume=True)
     with pytest.raises(FileExistsError, match="interrupted run"):
         train(config(tmp_path, "reference", 1), run)
