@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import multiprocessing
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -34,8 +35,13 @@ import torch
 import yaml
 from scipy.stats import kendalltau
 
-from nni_pipebd.config import Config
-from nni_pipebd.executors.launch import train
+from nni_pipebd.known_warnings import ENV, hide_known_warnings
+
+hide_known_warnings()  # NNI's and Lightning's known warnings, here and in the spawned training processes
+os.environ.setdefault(ENV, "hide")
+
+from nni_pipebd.config import Config  # noqa: E402 (after the warning filters: importing NNI warns)
+from nni_pipebd.executors.launch import train  # noqa: E402
 from nni_pipebd.library import MANIFEST, atomic_save
 from nni_pipebd.search.constrained import dna_search, normalized_scores
 from nni_pipebd.search.costs import Budget
@@ -180,7 +186,8 @@ def measure(args) -> Dict[str, Any]:
     pool = sample_architectures(scores, min(POOL, _space_size(scores)), args.seed)
     pool_params = params_of(scores, pool)
     truth_set = [pool[i] for i in spanning(pool, pool_params, args.archs)]
-    settings = [FinetuneSettings(epochs=args.finetune_epochs, init=args.init, seed=seed) for seed in range(args.seeds)]
+    recipe = {"epochs": args.finetune_epochs, "init": args.init, **({"lr": args.lr} if args.lr else {})}
+    settings = [FinetuneSettings(**recipe, seed=seed) for seed in range(args.seeds)]
 
     budget_limit = args.budget_ratio * _teacher_params(library_dir)
     budget = Budget("params", budget_limit)
@@ -247,7 +254,7 @@ def measure(args) -> Dict[str, Any]:
                     "final_losses": [b["losses"][-1] if b["losses"] else None for b in manifest["blocks"]]},
         "teacher": {"val_accuracy": teacher_accuracy, "params": truth_runs[0]["teacher"]["params"]},
         "ground_truth": {"archs": len(truth_set), "seeds": args.seeds, "epochs": args.finetune_epochs,
-                         "init": args.init, "accuracy_min": float(accuracy.min()),
+                         "init": args.init, "lr": settings[0].lr, "accuracy_min": float(accuracy.min()),
                          "accuracy_max": float(accuracy.max()),
                          "seed_std_mean": float(per_seed.std(0, ddof=1).mean()) if args.seeds > 1 else None,
                          "params_min": float(measures["parameters (baseline)"].min()),
@@ -289,7 +296,8 @@ def render(run: Dict[str, Any]) -> str:
              f"{run['time_s']['library']:.0f} s, ranking {run['time_s']['ranking']:.0f} s, trainings "
              f"{run['time_s']['finetune']:.0f} s).", "",
              f"Ground truth: {gt['archs']} architectures ({gt['params_min']:,.0f}-{gt['params_max']:,.0f} parameters) "
-             f"x {gt['seeds']} seeds x {gt['epochs']} epochs from `{gt['init']}` weights; mean accuracy "
+             f"x {gt['seeds']} seeds x {gt['epochs']} epochs (KD, Adam lr {gt.get('lr', 1e-3):g}, cosine) from `{gt['init']}` "
+             f"weights; mean accuracy "
              f"{gt['accuracy_min']:.3f}-{gt['accuracy_max']:.3f} (teacher {teacher:.3f}), seed std "
              f"{gt['seed_std_mean']:.3f} on average; seed-to-seed tau **{run['seed_to_seed_tau']:.2f}**.", "",
              "| signal vs mean stand-alone accuracy | Kendall tau | 90% bootstrap interval | p-value | "
@@ -336,6 +344,7 @@ def main(argv=None) -> int:
     parser.add_argument("--finetune-epochs", type=int, default=2, help="epochs of every stand-alone training")
     parser.add_argument("--init", choices=["library", "scratch"], default="scratch",
                         help="stand-alone training starts from scratch or from the library's weights")
+    parser.add_argument("--lr", type=float, help="learning rate of every stand-alone training (default: finetune's)")
     parser.add_argument("--random", type=int, default=20, help="random architectures within the budget")
     parser.add_argument("--budget-ratio", type=float, default=0.6, help="search budget: x the teacher's parameters")
     parser.add_argument("--max-paths", type=int, default=64, help="scored paths per block")

@@ -39,7 +39,8 @@ CLASSIFIED = {
     "nni-pipebd plan CONFIG --workers W [--memory-limit MB] [--json] [--out PLAN.json]": USAGE,
     "torchrun --nproc-per-node 4 -m nni_pipebd.cli train CONFIG --executor pipebd --plan PLAN.json": TORCHRUN,
     # docs/benchmarks.md, docs/reliability.md, docs/search.md: benchmarks of minutes to hours
-    "python benchmarks/executors.py --workers 2 --json benchmarks/results-cpu-w2.json": SCRIPT,
+    "python benchmarks/executors.py --workers 2 --json benchmarks/results-cpu-w2.json --doc docs/benchmarks.md": SCRIPT,
+    "python benchmarks/executors.py --render benchmarks/results-cpu-w2.json --doc docs/benchmarks.md": SCRIPT,
     "python benchmarks/soak.py --epochs 40": SCRIPT,
     "python benchmarks/search_quality.py --json benchmarks/results-search-quality.json --doc docs/search.md": SCRIPT,
     "python benchmarks/search_quality.py --render benchmarks/results-search-quality.json --doc docs/search.md": SCRIPT,
