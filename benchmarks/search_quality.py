@@ -24,6 +24,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -46,7 +47,7 @@ from nni_pipebd.library import MANIFEST, atomic_save
 from nni_pipebd.search.constrained import dna_search, normalized_scores
 from nni_pipebd.search.costs import Budget
 from nni_pipebd.search.donna import AccuracyPredictor, architecture_features, donna_search, sample_architectures
-from nni_pipebd.search.finetune import FinetuneSettings, finetune
+from nni_pipebd.search.finetune import FinetuneSettings, architecture_id, finetune
 from nni_pipebd.search.loaded import open_library
 from nni_pipebd.search.ranking import RankingSettings, rank_library
 
@@ -177,6 +178,8 @@ def measure(args) -> Dict[str, Any]:
     manifest_path = library_dir / MANIFEST
     same = manifest_path.is_file() and json.loads(manifest_path.read_text())["config"] == config.to_dict()
     tic = time.perf_counter()
+    if not same:
+        shutil.rmtree(out / "runs", ignore_errors=True)  # trainings of another library
     manifest = json.loads(manifest_path.read_text()) if same else train(config, library_dir, overwrite=True)
     library_s = time.perf_counter() - tic
     tic = time.perf_counter()
@@ -199,7 +202,7 @@ def measure(args) -> Dict[str, Any]:
     dna_pick = dna_search(scores, budget)[0]["sample"]
 
     def jobs(name: str, samples: List[Dict[str, str]]):
-        return [(s, st, str(out / "runs" / f"{name}_{i:02d}_seed{st.seed}.json"))
+        return [(s, st, str(out / "runs" / f"{name}_{i:02d}_{st.init}{st.epochs}_lr{st.lr:g}_seed{st.seed}.json"))
                 for st in settings for i, s in enumerate(samples)]
 
     (out / "runs").mkdir(exist_ok=True)
@@ -210,8 +213,8 @@ def measure(args) -> Dict[str, Any]:
     truth_runs, dna_runs, random_runs = runs[:n_truth], runs[n_truth:n_truth + args.seeds], runs[n_truth + args.seeds:]
     # the network stacked from the library's blocks (BN recalibrated), evaluated without training
     as_built = FinetuneSettings(epochs=0, init="library", seed=0)
-    built = run_finetunes(library_dir, [(s, as_built, str(out / "runs" / f"stacked_{i:02d}.json"))
-                                        for i, s in enumerate(truth_set + [dna_pick] + random_set)],
+    built = run_finetunes(library_dir, [(s, as_built, str(out / "runs" / f"stacked_{_sample_id(s)}.json"))
+                                        for s in truth_set + [dna_pick] + random_set],
                           args.processes, args.threads)
     stacked_of = {json.dumps(r["sample"], sort_keys=True): r["student"]["val_accuracy"] for r in built}
     per_seed = _accuracies(truth_runs, args.seeds)
@@ -220,7 +223,7 @@ def measure(args) -> Dict[str, Any]:
     predictor = AccuracyPredictor().fit(features, accuracy)
     donna_pick = donna_search(scores, predictor, budget, top_k=1, seed=args.seed)[0]["sample"]
     donna_runs = run_finetunes(library_dir, jobs("donna", [donna_pick])
-                               + [(donna_pick, as_built, str(out / "runs" / "stacked_donna.json"))],
+                               + [(donna_pick, as_built, str(out / "runs" / f"stacked_{_sample_id(donna_pick)}.json"))],
                                args.processes, args.threads)
     stacked_of[json.dumps(donna_pick, sort_keys=True)] = donna_runs.pop()["student"]["val_accuracy"]
     finetune_s = time.perf_counter() - tic
@@ -277,6 +280,10 @@ def measure(args) -> Dict[str, Any]:
     }
 
 
+def _sample_id(sample: Mapping[str, Any]) -> str:
+    return architecture_id(sample)
+
+
 def _space_size(scores: Mapping[str, Any]) -> int:
     return int(np.prod([len(b["paths"]) for b in scores["blocks"] if b["labels"]]))
 
@@ -296,7 +303,8 @@ def render(run: Dict[str, Any]) -> str:
              f"{run['time_s']['library']:.0f} s, ranking {run['time_s']['ranking']:.0f} s, trainings "
              f"{run['time_s']['finetune']:.0f} s).", "",
              f"Ground truth: {gt['archs']} architectures ({gt['params_min']:,.0f}-{gt['params_max']:,.0f} parameters) "
-             f"x {gt['seeds']} seeds x {gt['epochs']} epochs (KD, Adam lr {gt.get('lr', 1e-3):g}, cosine) from `{gt['init']}` "
+             f"x {gt['seeds']} seeds x {gt['epochs']} epochs (KD, Adam lr {gt.get('lr', 1e-3):g}, cosine) from "
+             f"`{gt['init']}` "
              f"weights; mean accuracy "
              f"{gt['accuracy_min']:.3f}-{gt['accuracy_max']:.3f} (teacher {teacher:.3f}), seed std "
              f"{gt['seed_std_mean']:.3f} on average; seed-to-seed tau **{run['seed_to_seed_tau']:.2f}**.", "",
@@ -308,7 +316,8 @@ def render(run: Dict[str, Any]) -> str:
         lines.append(f"| {name} | **{t['tau']:.2f}** | {t['lo']:.2f} .. {t['hi']:.2f} | {t['p_value']:.2g} | {above} |")
     lines += ["", f"Search against random under {sv['budget']} ({sv['budget_ratio']:g}x the teacher's parameters), "
               f"same training recipe, mean ± std over {gt['seeds']} seeds:", "",
-              "| architecture | parameters | x teacher | stacked from the library | after training |", "|---|---|---|---|---|"]
+              "| architecture | parameters | x teacher | stacked from the library | after training |",
+              "|---|---|---|---|---|"]
     for key, label in (("dna", "DNA pick"), ("donna", "DONNA pick"),
                        ("random_best", f"best of {sv['random_count']} random (picked on its own accuracy)")):
         e = sv[key]
@@ -327,13 +336,22 @@ def render(run: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_doc(doc: Path, run: Dict[str, Any]) -> None:
-    """Replace the generated part of ``doc`` (between the BEGIN and END markers) with :func:`render`."""
+def write_doc(doc: Path, runs: List[Dict[str, Any]]) -> None:
+    """Replace the generated part of ``doc`` (between the BEGIN and END markers) with every run's tables."""
     text = doc.read_text()
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{doc} has no {BEGIN} ... {END} markers; add them where the tables go")
     head, rest = text.split(BEGIN, 1)
-    doc.write_text(f"{head}{BEGIN}\n{render(run)}{END}{rest.split(END, 1)[1]}")
+    doc.write_text(f"{head}{BEGIN}\n{render_all(runs)}{END}{rest.split(END, 1)[1]}")
+
+
+def render_all(runs: List[Dict[str, Any]]) -> str:
+    """Every run's tables under a heading naming its ground-truth recipe."""
+    parts = []
+    for run in runs:
+        gt = run["ground_truth"]
+        parts += [f"### Ground truth trained {gt['epochs']} epochs from `{gt['init']}` weights", "", render(run)]
+    return "\n".join(parts)
 
 
 def main(argv=None) -> int:
@@ -341,7 +359,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/search-quality", help="work folder (library, per-run results)")
     parser.add_argument("--archs", type=int, default=16, help="ground-truth architectures")
     parser.add_argument("--seeds", type=int, default=3, help="trainings per architecture (seeds 0..N-1)")
-    parser.add_argument("--finetune-epochs", type=int, default=2, help="epochs of every stand-alone training")
+    parser.add_argument("--finetune-epochs", type=int, default=4, help="epochs of every stand-alone training")
     parser.add_argument("--init", choices=["library", "scratch"], default="scratch",
                         help="stand-alone training starts from scratch or from the library's weights")
     parser.add_argument("--lr", type=float, help="learning rate of every stand-alone training (default: finetune's)")
@@ -355,11 +373,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--doc", help="write the tables into this Markdown file (between its markers)")
-    parser.add_argument("--render", metavar="JSON", help="do not measure: make the tables from this saved run")
+    parser.add_argument("--render", metavar="JSON", action="append",
+                        help="do not measure: make the tables from this saved run (repeatable)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.render:
-        run = json.loads(Path(args.render).read_text())
+        runs = [json.loads(Path(path).read_text()) for path in args.render]
     else:
         for name in ("archs", "seeds", "finetune_epochs", "random", "bootstrap", "processes", "threads"):
             if getattr(args, name) < 1:
@@ -369,13 +388,13 @@ def main(argv=None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         logging.getLogger("nni_pipebd").setLevel(logging.WARNING)
         torch.set_num_threads(args.threads)
-        run = measure(args)
+        runs = [measure(args)]
         if args.json:
-            atomic_save(run, args.json)
+            atomic_save(runs[0], args.json)
     if args.doc:
-        write_doc(Path(args.doc), run)
+        write_doc(Path(args.doc), runs)
     else:
-        print(render(run))
+        print(render_all(runs))
     return 0
 
 
