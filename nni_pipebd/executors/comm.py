@@ -11,7 +11,8 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-__all__ = ["allreduce_gradients", "allreduce_path_split", "data_parallel", "Sender", "Receiver", "FlagSender", "FlagReceiver"]
+__all__ = ["allreduce_gradients", "allreduce_path_split", "data_parallel", "Sender", "Receiver", "FlagSender",
+           "FlagReceiver"]
 
 
 def allreduce_gradients(params: List[torch.Tensor], loss: torch.Tensor, group=None,
