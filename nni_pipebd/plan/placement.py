@@ -139,7 +139,8 @@ def place(profile: Profile, workers: int, memory_limit_mb: Optional[float] = Non
     Chooses jointly the teacher relay links (contiguous blocks, devices per link) and, for every student block,
     its devices and how many, co-located with its teacher link or fed from it, and on ``h > 1`` devices how they
     share it: its batch, or (when ``profile.paths_per_step >= h``) the step's sampled paths, whichever
-    :func:`rank_times` predicts faster (``Placement.split``; memory follows that choice); Pipe-BD's stages,
+    :func:`rank_times` predicts faster (``Placement.split``; under a memory limit the path split only where it
+    needs no more memory than the batch split, see :func:`piece_costs`); Pipe-BD's stages,
     AHD's hybrid stages and LS's bins are special cases. AHD's best plan (:func:`~nni_pipebd.plan.solver.solve`)
     and LS's bins (:func:`ls_relay_plan`), each improved by local search (:func:`~nni_pipebd.plan.improve.improve`),
     bound an exact branch and bound (:class:`~nni_pipebd.plan.branch.BranchAndBound`) over every plan. The result
@@ -183,7 +184,7 @@ def place(profile: Profile, workers: int, memory_limit_mb: Optional[float] = Non
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
         raise PlanError(f"budget = {budget!r} must be an int >= 1 (nodes of the search) or None (no cap)")
     limit = math.inf if memory_limit_mb is None else float(memory_limit_mb)
-    costs = piece_costs(profile, workers, sync_bn, queue_depth)
+    costs = piece_costs(profile, workers, sync_bn, queue_depth, limited=limit < math.inf)
     candidates: List[Plan] = []  # in order of preference among equals
     for seed in (lambda: solve(profile, workers, memory_limit_mb, sync_bn, queue_depth),
                  lambda: ls_relay_plan(profile, workers)):
@@ -253,8 +254,14 @@ def _no_plan(profile: Profile, workers: int, memory_limit_mb: Optional[float], s
                     f"devices (nni-pipebd profile CONFIG --workers {workers})")
 
 
-def piece_costs(profile: Profile, workers: int, sync_bn: bool = True, queue_depth: int = 2) -> PieceCosts:
-    """The terms of :func:`rank_times` and :func:`rank_memory` per block and degree, for the search."""
+def piece_costs(profile: Profile, workers: int, sync_bn: bool = True, queue_depth: int = 2,
+                limited: bool = False) -> PieceCosts:
+    """The terms of :func:`rank_times` and :func:`rank_memory` per block and degree, for the search.
+
+    A student on ``1 < h <= profile.paths_per_step`` devices splits its paths where that is faster; with
+    ``limited`` (a memory limit applies) only where it needs no more memory either, so that taking one split per
+    piece stays exact (a faster split that needs more memory could cost a plan its fit).
+    """
     n, inf = len(profile.blocks), math.inf
     degrees = profiled_degrees(profile, workers)
 
@@ -278,10 +285,10 @@ def piece_costs(profile: Profile, workers: int, sync_bn: bool = True, queue_dept
             if 1 < g <= profile.paths_per_step:  # the path split, where it is faster (on the link's ranks: fed)
                 time = _fed_time(profile, i, g, "paths", sync_bn)
                 memory = max(0.0, _student_mb(profile, i, g, queue_depth, "paths"))
-                if time < colocated[TIME][i][g]:
+                if time < colocated[TIME][i][g] and not (limited and alone - low + memory > colocated[MEMORY][i][g]):
                     colocated[TIME][i][g], colocated[MEMORY][i][g] = time, alone - low + memory
                     paths_colocated[i][g] = True
-                if time < fed[TIME][i][g]:
+                if time < fed[TIME][i][g] and not (limited and memory > fed[MEMORY][i][g]):
                     fed[TIME][i][g], fed[MEMORY][i][g] = time, memory
                     paths_fed[i][g] = True
             if i == 0:

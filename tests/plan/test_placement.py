@@ -189,6 +189,9 @@ def test_place_splits_paths_where_batchnorm_syncs_cost_more():
     assert student.split == "batch" and len(student.ranks) == 2
     assert batch.predicted["step_s"] == pytest.approx(0.1 + 5.0 + 0.1 + 2 * 10 * 0.1)
     assert place(bn_bound_profile(2), 2, sync_bn=False, budget=None).phases[0].students[0].split == "batch"
+    # under a memory limit only where it needs no more memory (here the whole batch's activations: more)
+    limited = place(bn_bound_profile(2), 2, memory_limit_mb=1000.0, budget=None)
+    assert limited.phases[0].students[0].split == "batch" and limited.predicted["optimal"]
 
 
 @pytest.mark.parametrize("seed", range(8))
