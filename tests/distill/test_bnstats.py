@@ -52,7 +52,7 @@ def _assert_buffers(got, want):
 PATHS = ["twice", "average", "plain", "average", "twice"]
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 3])
+@pytest.mark.parametrize("ranks", [2, 3])
 def test_replay_of_recorded_paths_equals_sequential_forwards(ranks):
     torch.manual_seed(0)
     net = TinySupernet().train()
@@ -96,7 +96,7 @@ def _trainer(paths, optimizer="adam"):
     return BlockTrainer(0, TinySupernet(), config, 10)
 
 
-@pytest.mark.parametrize("paths, ranks", [(2, 2), (3, 2), (3, 3)])
+@pytest.mark.parametrize("paths, ranks", [(2, 2), (3, 2)])
 def test_shared_paths_sum_to_the_whole_step(paths, ranks):
     """Ranks sharing the paths (gradients and statistics summed by hand here) match one trainer running them all:
     the loss, every gradient (``None`` exactly where no path reached), the paths, the BatchNorm buffers."""
