@@ -33,9 +33,8 @@ def run_plan(ctx: WorkerContext, job: Job, plan: Plan, save_block, label: Option
     ones during it; a path split, ``Placement.split == 'paths'``: each rank runs its share of the step's paths on
     the whole batch, then one flat all-reduce sums every gradient, which parameters any rank touched, and the
     paths' BatchNorm statistics, replayed in path order), waits at a barrier when ``execution.decoupled`` is off,
-    and steps. The phase's leader decides a stop and the
-    decision travels with the step's messages, so every rank of a phase ends after the same step. A finished
-    block is saved by the first rank of its placement.
+    and steps. The phase's leader decides a stop and the decision travels with the step's messages, so every rank
+    of a phase ends after the same step. A finished block is saved by the first rank of its placement.
 
     ``keys``: the checkpoint name of every rank (default ``rank<r>``); a plan whose phases do not all span every
     rank (``ls``) writes no resumable checkpoints.
