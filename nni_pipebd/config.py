@@ -286,11 +286,13 @@ class ExecutionConfig:
     device : str
         ``auto``, ``cpu`` or ``cuda``.
     sync_bn : bool
-        Synchronise BatchNorm statistics inside a data-parallel group (same math as one process).
+        Synchronise BatchNorm statistics inside a data-parallel group (same math as one process). A path split
+        needs none: each of its devices has the whole batch.
     grad_sync : str
         How a student block whose batch is split over a group sums its gradients: ``flat`` (one all-reduce of
         every gradient after backward) or ``ddp`` (``DistributedDataParallel``: bucketed all-reduces overlapped
-        with backward). Both give the same gradients up to float rounding.
+        with backward). Both give the same gradients up to float rounding. A block whose sampled paths are split
+        over its devices (``split: paths`` in a plan) always uses one flat all-reduce, whatever this says.
     timeout_s : float
         Timeout of every collective and receive.
     threads_per_worker : int, optional

@@ -6,13 +6,14 @@ import contextlib
 import logging
 import math
 import warnings
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..config import DistillConfig
 from ..precision import autocast, autocast_dtype, needs_scaler
+from .bnstats import BatchNormRecorder
 from .loss import get_loss
 from .sampler import PathSampler
 
@@ -57,6 +58,10 @@ class BlockTrainer:
         reduce the gradients during backward (``DistributedDataParallel``, set by the runtime). A wrapper with
         ``no_sync`` reduces only in the last of the ``paths_per_step`` backward passes. ``student`` stays the
         module that is saved, loaded and given its path.
+    batchnorm_stats : torch.Tensor or None
+        After a :meth:`forward_backward` with ``share``: the BatchNorm statistics its paths recorded (see
+        :class:`~nni_pipebd.distill.bnstats.BatchNormRecorder`), to be summed over the group and passed to
+        :meth:`replay_batchnorm`; ``None`` otherwise.
     """
 
     def __init__(self, index: int, student: nn.Module, config: DistillConfig, total_steps: int,
@@ -90,8 +95,11 @@ class BlockTrainer:
         self.skipped = 0
         self._buffers: List[torch.Tensor] = []
         self.last_paths: List[Dict[str, Any]] = []
+        self.batchnorm_stats: Optional[torch.Tensor] = None
+        self._recorder: Optional[BatchNormRecorder] = None
 
-    def forward_backward(self, x: torch.Tensor, target: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    def forward_backward(self, x: torch.Tensor, target: torch.Tensor, scale: float = 1.0,
+                         share: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Gradients of ``scale`` x the block loss on (x, target), averaged over the sampled paths.
 
         A data-parallel rank holding n of the batch's B samples passes ``scale = n / B``: its gradients are
@@ -99,22 +107,54 @@ class BlockTrainer:
         group. Returns the scaled loss (detached), never multiplied by the fp16 loss scale (the gradients are:
         :meth:`apply` unscales them, so a data-parallel group all-reduces them scaled and every rank's scaler sees
         the same overflow).
+
+        ``share = (index, count)``: the step's paths are split over ``count`` ranks, each with the whole batch.
+        All ``paths_per_step`` paths are sampled (every rank's sampler stays in step), but only paths ``j`` with
+        ``j % count == index`` run here, each with factor ``1 / paths_per_step``: the gradients and the returned
+        loss are this rank's part of the sums over the group. BatchNorm buffers are left as before the step and
+        the statistics of its paths kept in :attr:`batchnorm_stats` (see :meth:`replay_batchnorm`).
         """
         self.optimizer.zero_grad(set_to_none=True)
         if self.config.on_nonfinite == "skip":  # a skipped batch must not leave its BatchNorm statistics behind
             self._buffers = [b.detach().clone() for b in self.student.buffers()]
         k = self.config.paths_per_step
+        if share is not None and not (0 <= share[0] < share[1] <= k):
+            raise ValueError(f"block {self.index}: share {tuple(share)} must be (index, count) with 0 <= index < "
+                             f"count <= distill.paths_per_step = {k}; split the paths over at most {k} ranks")
         factor = scale / k
-        total = torch.zeros((), device=x.device)
         self.last_paths = []
+        self.batchnorm_stats = None
+        recorder = None
+        if share is not None:
+            if self._recorder is None:
+                self._recorder = BatchNormRecorder(self.student, k)
+            recorder = self._recorder
+            recorder.start(x.device)
         module = self.forward_module
+        try:
+            total = self._paths(module, x, target, k, factor, share, recorder)
+        finally:
+            if recorder is not None:
+                self.batchnorm_stats = recorder.finish()
+        return total * factor if factor != 1.0 else total
+
+    def _paths(self, module: nn.Module, x: torch.Tensor, target: torch.Tensor, k: int, factor: float,
+               share: Optional[Tuple[int, int]], recorder: Optional[BatchNormRecorder]) -> torch.Tensor:
+        """Sample the step's ``k`` paths; forward and backward those of this rank's ``share`` (all without one);
+        returns the sum of their losses."""
+        total = torch.zeros((), device=x.device)
+        mine = [j for j in range(k) if share is None or j % share[1] == share[0]]
         for j in range(k):
             path = self.sampler.sample()
+            self.last_paths.append(path)
+            if j not in mine:
+                continue
             if path:
                 self.student.set_path(path)
-            self.last_paths.append(path)
+            if recorder is not None:
+                recorder.path(j)
             # a reducing wrapper accumulates the first paths' gradients locally and reduces them with the last's
-            local = module.no_sync() if j < k - 1 and hasattr(module, "no_sync") else contextlib.nullcontext()
+            local = module.no_sync() if j < mine[-1] and hasattr(module, "no_sync") else contextlib.nullcontext()
             with local:
                 with autocast(self.precision, x.device):
                     out = module(x)
@@ -124,11 +164,22 @@ class BlockTrainer:
                 scaled = loss * factor if factor != 1.0 else loss
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total = total + loss.detach()
-        return total * factor if factor != 1.0 else total
+        return total
 
     def parameters_with_grad(self) -> List[torch.Tensor]:
         """Parameters that received a gradient in the last :meth:`forward_backward` (the sampled path's)."""
         return [p for p in self.student.parameters() if p.grad is not None]
+
+    def trainable_parameters(self) -> List[torch.Tensor]:
+        """Every parameter the optimizer steps, in its order (the same on every rank of a group)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def replay_batchnorm(self, stats: torch.Tensor) -> None:
+        """Fold the BatchNorm statistics of every path of the step (:attr:`batchnorm_stats` summed over the ranks
+        sharing the paths) into the buffers, in path order: as if one process had run all the paths."""
+        if self._recorder is None:
+            raise RuntimeError(f"block {self.index}: replay_batchnorm needs a forward_backward with share= first")
+        self._recorder.replay(stats)
 
     def apply(self, loss: Optional[torch.Tensor] = None) -> bool:
         """Optimizer and LR schedule step; returns False when a non-finite ``loss`` made it skip the update.

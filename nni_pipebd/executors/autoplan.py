@@ -50,6 +50,7 @@ def get_profile(config: Config, workers: int, path: Union[str, Path, None] = Non
         profile = load_or_none(path, key)
         if profile is not None:
             _logger.info("reusing the profile in %s", path)
+            profile.paths_per_step = config.distill.paths_per_step  # in its key; absent from older profiles
             return profile
         _logger.info("profiling %d blocks at 1..%d devices per stage", job.num_blocks, workers)
         profile = profile_job(job, workers, device)

@@ -11,7 +11,8 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-__all__ = ["allreduce_gradients", "data_parallel", "Sender", "Receiver", "FlagSender", "FlagReceiver"]
+__all__ = ["allreduce_gradients", "allreduce_path_split", "data_parallel", "Sender", "Receiver", "FlagSender",
+           "FlagReceiver"]
 
 
 def allreduce_gradients(params: List[torch.Tensor], loss: torch.Tensor, group=None,
@@ -34,6 +35,61 @@ def allreduce_gradients(params: List[torch.Tensor], loss: torch.Tensor, group=No
     if stop is None:
         return reduced[-1].reshape(())
     return reduced[-2].reshape(()), bool(reduced[-1].item() > 0)
+
+
+def allreduce_path_split(params: List[torch.Tensor], loss: torch.Tensor, group=None, stop: Optional[bool] = None,
+                         stats: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, bool, Optional[torch.Tensor]]:
+    """Sum what the ranks sharing a step's paths computed, in one flat all-reduce over ``group``.
+
+    Each rank ran its share of the sampled paths on the whole batch (``BlockTrainer.forward_backward`` with
+    ``share=``), so different ranks touched different parameters. Every parameter of ``params`` (all the
+    optimizer's, in the same order on every rank) takes part (zeros where this rank's gradient is ``None``) with
+    a flag saying whether this rank touched it; afterwards a parameter no rank touched gets ``grad = None`` again,
+    so the optimizer skips it exactly as in one process (Adam's moments and step count stay put). The loss, the
+    stop flag and ``stats`` (the recorded BatchNorm statistics, ``BlockTrainer.batchnorm_stats``) ride along.
+
+    Parameters
+    ----------
+    params : list of torch.Tensor
+        Every trainable parameter of the block, in the same order on every rank.
+    loss : torch.Tensor
+        This rank's part of the step's loss (a scalar).
+    group : ProcessGroup, optional
+        The ranks sharing the paths.
+    stop : bool, optional
+        This rank's stop decision; the result says whether any rank decided to stop.
+    stats : torch.Tensor, optional
+        Flat values summed over the group as they are.
+
+    Returns
+    -------
+    tuple
+        (summed loss, whether any rank passed ``stop=True``, summed ``stats`` or ``None``).
+    """
+    device, dtype = loss.device, loss.dtype
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    touched = torch.tensor([float(p.grad is not None) for p in params], dtype=dtype, device=device)
+    tensors = grads + [touched, loss.detach().reshape(1).to(dtype),
+                       torch.full((1,), float(bool(stop)), dtype=dtype, device=device)]
+    if stats is not None:
+        tensors.append(stats)
+    dtypes = {t.dtype for t in tensors}
+    common = dtypes.pop() if len(dtypes) == 1 else torch.float64
+    flat = _flatten_dense_tensors([t.to(common) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    reduced = _unflatten_dense_tensors(flat, tensors)
+    used = reduced[len(params)].tolist()
+    for p, grad, count in zip(params, reduced[:len(params)], used):
+        if count > 0:
+            if p.grad is None:
+                p.grad = grad.to(p.dtype).clone()
+            else:
+                p.grad.copy_(grad)
+        else:
+            p.grad = None
+    summed = reduced[len(params) + 1].reshape(())
+    flag = bool(reduced[len(params) + 2].item() > 0)
+    return summed, flag, (reduced[-1].to(stats.dtype) if stats is not None else None)
 
 
 def data_parallel(module: nn.Module, group, device: torch.device) -> nn.Module:

@@ -13,7 +13,8 @@ from ..job import Job
 from ..plan.plan import Phase, Placement, Plan, RankRoutes
 from ..precision import autocast, formatted, memory_format, wire_dtype
 from .base import BlockReport, WorkerContext, WorkerReport, stage_state
-from .comm import FlagReceiver, FlagSender, Receiver, Sender, allreduce_gradients, data_parallel
+from .comm import (FlagReceiver, FlagSender, Receiver, Sender, allreduce_gradients, allreduce_path_split,
+                   data_parallel)
 from .faults import inject
 from .syncbn import convert_sync_batchnorm
 
@@ -27,11 +28,13 @@ def run_plan(ctx: WorkerContext, job: Job, plan: Plan, save_block, label: Option
     Per step of a phase, a rank serving a relay link loads its rows (first link) or receives them (every other),
     runs its teacher blocks once under ``no_grad``, sends the activation on and the input/target rows of its blocks
     to students trained elsewhere; a rank training students assembles their rows, runs forward and backward,
-    all-reduces the gradients inside a multi-device placement (BatchNorm synchronised with ``execution.sync_bn``;
-    one flat all-reduce after backward, or with ``execution.grad_sync: ddp`` DDP's bucketed ones during it),
-    waits at a barrier when ``execution.decoupled`` is off, and steps. The phase's leader decides a stop and the
-    decision travels with the step's messages, so every rank of a phase ends after the same step. A finished
-    block is saved by the first rank of its placement.
+    all-reduces the gradients inside a multi-device placement (a batch split: BatchNorm synchronised with
+    ``execution.sync_bn``, one flat all-reduce after backward, or with ``execution.grad_sync: ddp`` DDP's bucketed
+    ones during it; a path split, ``Placement.split == 'paths'``: each rank runs its share of the step's paths on
+    the whole batch, then one flat all-reduce sums every gradient, which parameters any rank touched, and the
+    paths' BatchNorm statistics, replayed in path order), waits at a barrier when ``execution.decoupled`` is off,
+    and steps. The phase's leader decides a stop and the decision travels with the step's messages, so every rank
+    of a phase ends after the same step. A finished block is saved by the first rank of its placement.
 
     ``keys``: the checkpoint name of every rank (default ``rank<r>``); a plan whose phases do not all span every
     rank (``ls``) writes no resumable checkpoints.
@@ -140,17 +143,21 @@ class _Run:
             teacher = {i: spec.teacher[i].to(device, memory_format=layout) for i in phase.relays[own.relay].blocks}
         trainers: Dict[int, BlockTrainer] = {}
         scales: Dict[int, float] = {}
+        shares: Dict[int, Tuple[int, int]] = {}  # path splits: (this rank's index, ranks)
         for placement in own.students:
             student = spec.student[placement.block].to(device, memory_format=layout)
             group = self.groups.get(tuple(sorted(placement.ranks)))
-            if group is not None and execution.sync_bn:
+            batch_split = group is not None and placement.split == "batch"
+            if batch_split and execution.sync_bn:  # a path split gives every rank the whole batch: nothing to sync
                 student = convert_sync_batchnorm(student, group, device.type)
             trainers[placement.block] = BlockTrainer(placement.block, student, distill, job.steps_per_block,
                                                      precision)
-            if group is not None and execution.grad_sync == "ddp":  # gradients summed during backward
+            if batch_split and execution.grad_sync == "ddp":  # gradients summed during backward
                 trainers[placement.block].forward_module = data_parallel(student, group, device)
             lo, hi = placement.rows(self.batch, ctx.rank)
-            scales[placement.block] = (hi - lo) / self.batch if group is not None else 1.0
+            scales[placement.block] = (hi - lo) / self.batch if batch_split else 1.0
+            if group is not None and placement.split == "paths":
+                shares[placement.block] = (placement.ranks.index(ctx.rank), len(placement.ranks))
             self.report.blocks.setdefault(placement.block, BlockReport())
         self.converged = set(state.get("converged", [])) if state is not None else set()
         self.reporting = {p.block for p in own.students if p.ranks[0] == ctx.rank}
@@ -205,10 +212,19 @@ class _Run:
                     losses = {}
                     with tracer.span("student"):
                         for block, trainer in training.items():
-                            losses[block] = trainer.forward_backward(*inputs[block], scales[block])
+                            losses[block] = trainer.forward_backward(*inputs[block], scales[block],
+                                                                     share=shares.get(block))
                     for placement in placements:
                         group = self.groups.get(tuple(sorted(placement.ranks)))
-                        if group is not None:
+                        if group is not None and placement.block in shares:
+                            trainer = training[placement.block]
+                            with tracer.span("comm"):
+                                losses[placement.block], flag, stats = allreduce_path_split(
+                                    trainer.trainable_parameters(), losses[placement.block], group, last,
+                                    trainer.batchnorm_stats)
+                            trainer.replay_batchnorm(stats)
+                            last = last or flag
+                        elif group is not None:
                             trainer = training[placement.block]
                             # with grad_sync: ddp the gradients were summed in backward: only loss and stop flag
                             params = [] if trainer.forward_module is not trainer.student else \

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["PieceCosts", "BranchAndBound", "Solution"]
@@ -25,6 +25,10 @@ class PieceCosts:
     ``b`` trains elsewhere; ``fed``: a rank of ``h`` training student ``b`` away from its link (with the
     receive); ``link_in`` ``[metric][start][degree]``: a rank of a link starting at block ``start`` receiving
     its input. Every value is >= 0 (memory that a co-located student saves is folded into ``teacher``).
+
+    A student on several devices may split its batch or its sampled paths; each piece holds the cheaper of the
+    two (a choice that depends on nothing else in the plan), and ``paths_colocated[block][g]`` /
+    ``paths_fed[block][h]`` say where the path split won (empty: the batch split everywhere).
     """
 
     degrees: List[int]
@@ -33,6 +37,13 @@ class PieceCosts:
     teacher_only: List[List[List[float]]]
     fed: List[List[List[float]]]
     link_in: List[List[List[float]]]
+    paths_colocated: List[List[bool]] = field(default_factory=list)
+    paths_fed: List[List[bool]] = field(default_factory=list)
+
+    def split(self, block: int, devices: int, colocated: bool) -> str:
+        """``'paths'`` or ``'batch'``: how student ``block`` on ``devices`` ranks (its link's: ``colocated``) splits."""
+        table = self.paths_colocated if colocated else self.paths_fed
+        return "paths" if table and table[block][devices] else "batch"
 
     @property
     def num_blocks(self) -> int:

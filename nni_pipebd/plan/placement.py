@@ -28,18 +28,21 @@ def rank_times(profile: Profile, plan: Plan, sync_bn: bool = True) -> List[float
 
     A rank of a relay link on ``g`` devices (per-device rows ``ceil(B / g)``) pays its blocks' ``teacher_s[g]``
     and, past the first link, the receive of the link's input rows, ``p2p.time(activation_in_bytes * rows)``. A
-    rank training student block ``i`` on ``h`` devices pays ``student_s[h]``, for ``h > 1`` the all-reduce of
-    ``grad_bytes`` over ``h`` (and ``2 * bn_layers`` latency all-reduces with ``sync_bn``) and, unless the block
-    is co-located with its teacher link (same ranks, batch split), the receive of its input and target rows,
-    ``p2p.time((activation_in_bytes + activation_out_bytes) * rows)``. A co-located pipeline plan gets exactly
-    :func:`~nni_pipebd.plan.solver.stage_time` per stage. Sends are not charged (as in ``stage_time``).
+    rank training student block ``i`` on ``h`` devices pays, for a batch split, ``student_s[h]``, for ``h > 1``
+    the all-reduce of ``grad_bytes`` over ``h`` (and ``2 * bn_layers`` latency all-reduces with ``sync_bn``) and,
+    unless the block is co-located with its teacher link (same ranks, batch split), the receive of its input and
+    target rows, ``p2p.time((activation_in_bytes + activation_out_bytes) * rows)``. A path split (each rank the
+    whole batch and ``ceil(k / h)`` of the ``k = paths_per_step`` paths) pays ``student_s[1] * ceil(k / h) / k``,
+    one all-reduce of every parameter's gradient (``param_bytes``), no BatchNorm synchronisation, and the receive
+    of all ``B`` rows. A co-located pipeline plan gets exactly :func:`~nni_pipebd.plan.solver.stage_time` per
+    stage. Sends are not charged (as in ``stage_time``).
 
     Parameters
     ----------
     profile : Profile
         Per block and degree, times and memory; link models.
     plan : Plan
-        One phase; student placements split by batch.
+        One phase; student placements split by batch or, on at most ``profile.paths_per_step`` devices, by paths.
     sync_bn : bool
         Count the BatchNorm synchronisation of a data-parallel student block.
 
@@ -70,8 +73,7 @@ def rank_times(profile: Profile, plan: Plan, sync_bn: bool = True) -> List[float
             times[r] += total
     for placement in phase.students:
         if placement.block not in local:
-            cost = _student_time(profile, placement.block, len(placement.ranks), sync_bn) + \
-                _feed_time(profile, placement.block, len(placement.ranks))
+            cost = _fed_time(profile, placement.block, len(placement.ranks), placement.split, sync_bn)
             for r in placement.ranks:
                 times[r] += cost
     return times
@@ -84,15 +86,17 @@ def rank_memory(profile: Profile, plan: Plan, queue_depth: int = 2) -> List[floa
     (teacher weights included), else only the teacher weights and its input and output rows
     (``teacher_mb + (in + out) * rows``); past the first link, ``queue_depth + 1`` receive buffers of the link's
     input. A rank training student block ``i`` away from its teacher link on ``h`` devices holds
-    ``memory_mb[h] - teacher_mb`` and ``queue_depth + 1`` receive buffers of the block's input and target rows.
-    A co-located pipeline plan gets exactly :func:`~nni_pipebd.plan.solver.stage_memory` per stage.
+    ``memory_mb[h] - teacher_mb`` and ``queue_depth + 1`` receive buffers of the block's input and target rows;
+    split by paths, ``memory_mb[1] - teacher_mb`` (the whole batch's activations of one path at a time) and
+    buffers of all ``B`` rows. A co-located pipeline plan gets exactly
+    :func:`~nni_pipebd.plan.solver.stage_memory` per stage.
 
     Parameters
     ----------
     profile : Profile
         Per block and degree, times and memory.
     plan : Plan
-        One phase; student placements split by batch.
+        One phase; student placements split by batch or by paths.
     queue_depth : int
         Activations in flight between two ranks.
 
@@ -113,7 +117,7 @@ def rank_memory(profile: Profile, plan: Plan, queue_depth: int = 2) -> List[floa
             memory[r] += total
     for placement in phase.students:
         if placement.block not in local:
-            cost = _student_mb(profile, placement.block, len(placement.ranks), queue_depth)
+            cost = _student_mb(profile, placement.block, len(placement.ranks), queue_depth, placement.split)
             for r in placement.ranks:
                 memory[r] += cost
     return memory
@@ -133,7 +137,10 @@ def place(profile: Profile, workers: int, memory_limit_mb: Optional[float] = Non
     """The one-phase plan with the smallest predicted step on exactly ``workers`` devices (ties: smaller sum).
 
     Chooses jointly the teacher relay links (contiguous blocks, devices per link) and, for every student block,
-    its devices and how many (batch split), co-located with its teacher link or fed from it; Pipe-BD's stages,
+    its devices and how many, co-located with its teacher link or fed from it, and on ``h > 1`` devices how they
+    share it: its batch, or (when ``profile.paths_per_step >= h``) the step's sampled paths, whichever
+    :func:`rank_times` predicts faster (``Placement.split``; under a memory limit the path split only where it
+    needs no more memory than the batch split, see :func:`piece_costs`); Pipe-BD's stages,
     AHD's hybrid stages and LS's bins are special cases. AHD's best plan (:func:`~nni_pipebd.plan.solver.solve`)
     and LS's bins (:func:`ls_relay_plan`), each improved by local search (:func:`~nni_pipebd.plan.improve.improve`),
     bound an exact branch and bound (:class:`~nni_pipebd.plan.branch.BranchAndBound`) over every plan. The result
@@ -177,7 +184,7 @@ def place(profile: Profile, workers: int, memory_limit_mb: Optional[float] = Non
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
         raise PlanError(f"budget = {budget!r} must be an int >= 1 (nodes of the search) or None (no cap)")
     limit = math.inf if memory_limit_mb is None else float(memory_limit_mb)
-    costs = piece_costs(profile, workers, sync_bn, queue_depth)
+    costs = piece_costs(profile, workers, sync_bn, queue_depth, limited=limit < math.inf)
     candidates: List[Plan] = []  # in order of preference among equals
     for seed in (lambda: solve(profile, workers, memory_limit_mb, sync_bn, queue_depth),
                  lambda: ls_relay_plan(profile, workers)):
@@ -187,13 +194,13 @@ def place(profile: Profile, workers: int, memory_limit_mb: Optional[float] = Non
             continue
         if max(rank_memory(profile, plan, queue_depth)) <= limit:
             layout = _layout(costs, workers, plan)
-            candidates.append(_build(layout.solution()))  # ranks renumbered: the teacher chain from rank 0
-            candidates.append(_build(improve(layout, limit).solution()))
+            candidates.append(_build(layout.solution(), costs))  # ranks renumbered: the teacher chain from rank 0
+            candidates.append(_build(improve(layout, limit).solution(), costs))
     incumbent = min((_value(profile, plan, sync_bn) for plan in candidates), default=None)
     search = BranchAndBound(costs, workers)
     found = search.run(TIME, limit, incumbent, budget)
     if found is not None:
-        candidates.append(_build(found))
+        candidates.append(_build(found, costs))
     if not candidates:
         _no_plan(profile, workers, memory_limit_mb, search, budget, queue_depth)
     best = min(candidates, key=lambda plan: _value(profile, plan, sync_bn))  # the first of equals
@@ -247,8 +254,14 @@ def _no_plan(profile: Profile, workers: int, memory_limit_mb: Optional[float], s
                     f"devices (nni-pipebd profile CONFIG --workers {workers})")
 
 
-def piece_costs(profile: Profile, workers: int, sync_bn: bool = True, queue_depth: int = 2) -> PieceCosts:
-    """The terms of :func:`rank_times` and :func:`rank_memory` per block and degree, for the search."""
+def piece_costs(profile: Profile, workers: int, sync_bn: bool = True, queue_depth: int = 2,
+                limited: bool = False) -> PieceCosts:
+    """The terms of :func:`rank_times` and :func:`rank_memory` per block and degree, for the search.
+
+    A student on ``1 < h <= profile.paths_per_step`` devices splits its paths where that is faster; with
+    ``limited`` (a memory limit applies) only where it needs no more memory either, so that taking one split per
+    piece stays exact (a faster split that needs more memory could cost a plan its fit).
+    """
     n, inf = len(profile.blocks), math.inf
     degrees = profiled_degrees(profile, workers)
 
@@ -256,6 +269,8 @@ def piece_costs(profile: Profile, workers: int, sync_bn: bool = True, queue_dept
         return [[[inf] * (workers + 1) for _ in range(n)] for _ in (TIME, MEMORY)]
 
     teacher, colocated, teacher_only, fed, link_in = table(), table(), table(), table(), table()
+    paths_colocated = [[False] * (workers + 1) for _ in range(n)]
+    paths_fed = [[False] * (workers + 1) for _ in range(n)]
     for i, block in enumerate(profile.blocks):
         for g in degrees:
             rows = _rows(profile, g)
@@ -265,25 +280,38 @@ def piece_costs(profile: Profile, workers: int, sync_bn: bool = True, queue_dept
             colocated[TIME][i][g] = _student_time(profile, i, g, sync_bn)
             colocated[MEMORY][i][g] = block.memory_mb[g] - low
             teacher_only[TIME][i][g], teacher_only[MEMORY][i][g] = 0.0, alone - low
-            fed[TIME][i][g] = _student_time(profile, i, g, sync_bn) + _feed_time(profile, i, g)
+            fed[TIME][i][g] = _fed_time(profile, i, g, "batch", sync_bn)
             fed[MEMORY][i][g] = max(0.0, _student_mb(profile, i, g, queue_depth))
+            if 1 < g <= profile.paths_per_step:  # the path split, where it is faster (on the link's ranks: fed)
+                time = _fed_time(profile, i, g, "paths", sync_bn)
+                memory = max(0.0, _student_mb(profile, i, g, queue_depth, "paths"))
+                if time < colocated[TIME][i][g] and not (limited and alone - low + memory > colocated[MEMORY][i][g]):
+                    colocated[TIME][i][g], colocated[MEMORY][i][g] = time, alone - low + memory
+                    paths_colocated[i][g] = True
+                if time < fed[TIME][i][g] and not (limited and memory > fed[MEMORY][i][g]):
+                    fed[TIME][i][g], fed[MEMORY][i][g] = time, memory
+                    paths_fed[i][g] = True
             if i == 0:
                 link_in[TIME][i][g] = link_in[MEMORY][i][g] = 0.0
             else:
                 link_in[TIME][i][g] = profile.p2p.time(block.activation_in_bytes * rows)
                 link_in[MEMORY][i][g] = (queue_depth + 1) * block.activation_in_bytes * rows / MB
-    return PieceCosts(degrees, teacher, colocated, teacher_only, fed, link_in)
+    return PieceCosts(degrees, teacher, colocated, teacher_only, fed, link_in, paths_colocated, paths_fed)
 
 
-def _build(found: Solution) -> Plan:
+def _build(found: Solution, costs: PieceCosts) -> Plan:
     """The plan of a search result, ranks renumbered: links in chain order on consecutive ranks, then the ranks
-    that only train students (a co-located result is then exactly Pipe-BD's ``Plan([Stage, ...])``)."""
+    that only train students (a co-located result is then exactly Pipe-BD's ``Plan([Stage, ...])``); every
+    student split as its piece in ``costs`` says."""
     links = sorted(found.links)
     order = [r for _, _, ranks in links for r in ranks]
     order += sorted({r for ranks in found.students.values() for r in ranks} - set(order))
     new = {old: k for k, old in enumerate(order)}
     relays = tuple(Relay(s, e, tuple(sorted(new[r] for r in ranks))) for s, e, ranks in links)
-    students = tuple(Placement(b, tuple(sorted(new[r] for r in found.students[b]))) for b in sorted(found.students))
+    own = {b: tuple(sorted(ranks)) for s, e, ranks in links for b in range(s, e)}
+    students = tuple(Placement(b, tuple(sorted(new[r] for r in found.students[b])),
+                               costs.split(b, len(found.students[b]), tuple(sorted(found.students[b])) == own[b]))
+                     for b in sorted(found.students))
     phase = Phase(relays, students)
     if phase.is_pipeline():
         return Plan([Stage(r.start, r.stop, len(r.ranks)) for r in relays])
@@ -306,9 +334,12 @@ def _one_phase(profile: Profile, plan: Plan) -> Phase:
     phase = plan.phases[0]
     n = len(profile.blocks)
     for placement in phase.students:
-        if placement.split != "batch":
-            raise PlanError(f"student block {placement.block}: split {placement.split!r} has no profiled cost; the "
-                            "cost model predicts split='batch' placements")
+        if placement.split == "paths" and len(placement.ranks) > profile.paths_per_step:
+            raise PlanError(f"student block {placement.block} splits its paths over {len(placement.ranks)} devices "
+                            f"but the profile was measured at paths_per_step = {profile.paths_per_step}; split the "
+                            "batch, use fewer devices, or profile the job with more distill.paths_per_step")
+        if placement.split not in ("batch", "paths"):
+            raise PlanError(f"student block {placement.block}: split {placement.split!r} is not 'batch' or 'paths'")
     for what, block, g in ([("link", i, len(r.ranks)) for r in phase.relays for i in r.blocks]
                            + [("student", p.block, len(p.ranks)) for p in phase.students]):
         if not 0 <= block < n:
@@ -340,6 +371,24 @@ def _student_time(profile: Profile, i: int, h: int, sync_bn: bool) -> float:
     return total
 
 
+def _paths_time(profile: Profile, i: int, h: int) -> float:
+    """Student block ``i`` with its ``k`` paths shared over ``h`` devices, each the whole batch: ``ceil(k / h)``
+    of the profiled ``k`` paths, then one all-reduce of every parameter's gradient (no BatchNorm to sync)."""
+    k = profile.paths_per_step
+    total = profile.blocks[i].student_s[1] * math.ceil(k / h) / k
+    if h > 1:
+        total += profile.allreduce_time(profile.param_bytes(i), h)
+    return total
+
+
+def _fed_time(profile: Profile, i: int, h: int, split: str, sync_bn: bool) -> float:
+    """Student block ``i`` on ``h`` devices away from its teacher link (or sharing its paths on the link's
+    ranks): the step, its all-reduces and the receive of its rows (all ``B`` of them for a path split)."""
+    if split == "paths":
+        return _paths_time(profile, i, h) + _feed_time(profile, i, 1)
+    return _student_time(profile, i, h, sync_bn) + _feed_time(profile, i, h)
+
+
 def _feed_time(profile: Profile, i: int, h: int) -> float:
     """Receiving block ``i``'s input and target rows away from its teacher link."""
     return profile.p2p.time((profile.blocks[i].activation_in_bytes + profile.out_bytes(i)) * _rows(profile, h))
@@ -352,7 +401,11 @@ def _link_block_mb(profile: Profile, i: int, g: int, colocated: bool) -> float:
     return block.teacher_mb + (block.activation_in_bytes + profile.out_bytes(i)) * _rows(profile, g) / MB
 
 
-def _student_mb(profile: Profile, i: int, h: int, queue_depth: int) -> float:
+def _student_mb(profile: Profile, i: int, h: int, queue_depth: int, split: str = "batch") -> float:
+    """A rank training student block ``i`` on ``h`` devices away from its link: the block's memory at its rows
+    (a path split: all rows, one path at a time) and the receive buffers of those rows."""
+    if split == "paths":
+        h = 1
     block = profile.blocks[i]
     io = (block.activation_in_bytes + profile.out_bytes(i)) * _rows(profile, h) / MB
     return block.memory_mb[h] - block.teacher_mb + (queue_depth + 1) * io

@@ -44,7 +44,9 @@ class BlockProfile:
     gradients all-reduced per step (mean over sampled paths); ``bn_layers``: BatchNorm layers on a path;
     ``teacher_mb``: the teacher block's weights (included in ``memory_mb``); ``activation_out_bytes``: bytes per
     sample leaving the block (the teacher target; ``None`` in profiles saved before it was measured: the next
-    block's ``activation_in_bytes``, or this block's own for the last block, see :meth:`Profile.out_bytes`).
+    block's ``activation_in_bytes``, or this block's own for the last block, see :meth:`Profile.out_bytes`);
+    ``param_bytes``: bytes of every trainable parameter of the student (a path split all-reduces all their
+    gradients; ``None`` in older profiles: ``grad_bytes``, see :meth:`Profile.param_bytes`).
     """
 
     teacher_s: Dict[int, float]
@@ -55,11 +57,16 @@ class BlockProfile:
     bn_layers: float
     teacher_mb: float = 0.0
     activation_out_bytes: Optional[int] = None
+    param_bytes: Optional[float] = None
 
 
 @dataclass
 class Profile:
-    """Everything the solver needs, saved as JSON and reused when its ``key`` matches."""
+    """Everything the solver needs, saved as JSON and reused when its ``key`` matches.
+
+    ``paths_per_step``: the job's ``distill.paths_per_step``, at which every ``student_s`` was measured (a student
+    on ``h`` devices may split its paths instead of its batch when it is at least ``h``; 1 in older profiles).
+    """
 
     key: str
     device: str
@@ -68,6 +75,7 @@ class Profile:
     blocks: List[BlockProfile]
     p2p: LinkModel = field(default_factory=LinkModel)
     allreduce: Dict[int, LinkModel] = field(default_factory=dict)
+    paths_per_step: int = 1
 
     def allreduce_time(self, nbytes: float, devices: int) -> float:
         """All-reduce time over ``devices``: measured model for that size, else a ring model from the largest."""
@@ -92,6 +100,12 @@ class Profile:
         following = self.blocks[index + 1] if index + 1 < len(self.blocks) else block
         return following.activation_in_bytes
 
+    def param_bytes(self, index: int) -> float:
+        """Bytes of every trainable parameter of student block ``index``: measured, else ``grad_bytes`` (profiles
+        saved before it was measured)."""
+        block = self.blocks[index]
+        return block.grad_bytes if block.param_bytes is None else block.param_bytes
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -102,10 +116,12 @@ class Profile:
         blocks = [BlockProfile(keyed(b["teacher_s"]), keyed(b["student_s"]), keyed(b["memory_mb"]),
                                int(b["activation_in_bytes"]), float(b["grad_bytes"]), float(b["bn_layers"]),
                                float(b.get("teacher_mb", 0.0)),
-                               None if b.get("activation_out_bytes") is None else int(b["activation_out_bytes"]))
+                               None if b.get("activation_out_bytes") is None else int(b["activation_out_bytes"]),
+                               None if b.get("param_bytes") is None else float(b["param_bytes"]))
                   for b in raw["blocks"]]
         return cls(raw["key"], raw["device"], int(raw["batch_size"]), int(raw["max_devices"]), blocks,
-                   LinkModel(**raw["p2p"]), {int(g): LinkModel(**m) for g, m in raw["allreduce"].items()})
+                   LinkModel(**raw["p2p"]), {int(g): LinkModel(**m) for g, m in raw["allreduce"].items()},
+                   int(raw.get("paths_per_step", 1)))
 
     def save(self, path: Union[str, Path]) -> Path:
         path = Path(path)
@@ -133,9 +149,10 @@ def profile_job(job: Job, max_devices: int, device: torch.device = torch.device(
                 warmup: int = 1) -> Profile:
     """Measure every block at per-device batch ceil(B/g) for g = 1..max_devices (compute only, this process).
 
-    Link costs (``p2p``, ``allreduce``) are left empty; the launcher measures them with real workers. Blocks run
-    as the runtime runs them: under ``execution.precision``'s autocast and in its memory format, so times,
-    memory and the bytes a relay carries (``activation_in_bytes``: bf16 halves them) are those of the setting.
+    Link costs (``p2p``, ``allreduce``) are left empty; the launcher measures them with real workers. A student
+    step is ``distill.paths_per_step`` paths (recorded in the profile). Blocks run as the runtime runs them: under
+    ``execution.precision``'s autocast and in its memory format, so times, memory and the bytes a relay carries
+    (``activation_in_bytes``: bf16 halves them) are those of the setting.
     """
     batch = job.config.data.batch_size
     precision, channels_last = job.config.execution.precision, job.config.execution.channels_last
@@ -178,11 +195,13 @@ def profile_job(job: Job, max_devices: int, device: torch.device = torch.device(
                 mem[g] = (torch.cuda.max_memory_allocated(device) - base) / MB + _bytes(teacher) / MB
             else:
                 mem[g] = _cpu_memory_mb(teacher, trainer, xs, ys, slots, precision)
+        params = sum(p.numel() * p.element_size() for p in student.parameters() if p.requires_grad)
         blocks.append(BlockProfile(t_s, s_s, mem, int(x[0].numel() * x.element_size()),
                                    sum(grads) / len(grads), sum(bns) / len(bns), _bytes(teacher) / MB,
-                                   int(y[0].numel() * y.element_size())))
+                                   int(y[0].numel() * y.element_size()), float(params)))
         x = y
-    return Profile(profile_key(job, max_devices, device), device.type, batch, max_devices, blocks)
+    return Profile(profile_key(job, max_devices, device), device.type, batch, max_devices, blocks,
+                   paths_per_step=job.config.distill.paths_per_step)
 
 
 def _bn_on_path(student: nn.Module) -> int:

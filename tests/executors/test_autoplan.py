@@ -20,9 +20,11 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_profile_is_measured_once_then_reused(tmp_path):
-    config = tiny_config(tmp_path)
+    config = tiny_config(tmp_path, distill={"paths_per_step": 2})
     profile = get_profile(config, 2)
     assert len(profile.blocks) == 5 and set(profile.blocks[0].teacher_s) == {1, 2}
+    assert profile.paths_per_step == 2  # the student times are of 2-path steps; a path split needs every weight
+    assert all(b.param_bytes >= b.grad_bytes > 0 for b in profile.blocks)
     assert all(b.student_s[1] > 0 and b.memory_mb[2] > 0 for b in profile.blocks)
     assert 2 in profile.allreduce and profile.p2p.s_per_byte > 0 and profile.p2p.latency_s >= 0
     files = list((tmp_path / "cache" / "profiles").iterdir())

@@ -24,9 +24,11 @@ def linked_profile(rng, n, w, batch=32):
     return profile
 
 
-def every_plan(n, w, degrees):
-    """Every one-phase plan up to renaming ranks: links on consecutive ranks from 0, students on any ranks."""
-    subsets = [s for h in degrees for s in itertools.combinations(range(w), h)]
+def every_plan(n, w, degrees, paths_per_step=1):
+    """Every one-phase plan up to renaming ranks: links on consecutive ranks from 0, students on any ranks (split
+    by batch, or by paths on 2..``paths_per_step`` devices)."""
+    subsets = [(s, "batch") for h in degrees for s in itertools.combinations(range(w), h)]
+    subsets += [(s, "paths") for s, _ in subsets if 1 < len(s) <= paths_per_step]
     for k in range(1, n + 1):
         for cuts in itertools.combinations(range(1, n), k - 1):
             for gs in itertools.product(degrees, repeat=k):
@@ -37,14 +39,15 @@ def every_plan(n, w, degrees):
                     relays.append(Relay(s, e, tuple(range(first, first + g))))
                     first += g
                 for choice in itertools.product(subsets, repeat=n):
-                    if len(set(range(first)).union(*choice)) == w:
-                        yield Plan([Phase(tuple(relays), tuple(Placement(i, r) for i, r in enumerate(choice)))])
+                    if len(set(range(first)).union(*(r for r, _ in choice))) == w:
+                        yield Plan([Phase(tuple(relays), tuple(Placement(i, r, split)
+                                                               for i, (r, split) in enumerate(choice)))])
 
 
 def brute_force(profile, w, limit=math.inf, sync_bn=True):
     """(step, sum of rank times) of the best plan, and the least memory any plan needs."""
     best, least = (math.inf, math.inf), math.inf
-    for plan in every_plan(len(profile.blocks), w, profiled_degrees(profile, w)):
+    for plan in every_plan(len(profile.blocks), w, profiled_degrees(profile, w), profile.paths_per_step):
         memory = max(rank_memory(profile, plan))
         least = min(least, memory)
         if memory <= limit:
@@ -133,10 +136,83 @@ def test_cost_model_refuses_what_it_cannot_predict():
     phase = Phase((Relay(0, 2, (0,)),), (Placement(0, (0,)), Placement(1, (1,))))
     with pytest.raises(PlanError, match="one-phase plans; this plan has 2 phases"):
         rank_times(profile, Plan([phase, phase]))
-    with pytest.raises(PlanError, match="split 'paths' has no profiled cost"):
+    with pytest.raises(PlanError, match="splits its paths over 2 devices but the profile was measured at "
+                                        "paths_per_step = 1"):
         rank_times(profile, Plan([Phase(phase.relays, (Placement(0, (0,)), Placement(1, (0, 1), "paths")))]))
     with pytest.raises(PlanError, match=r"runs on 3 devices but the profile has degrees \[1, 2\]"):
         rank_memory(profile, Plan([Phase((Relay(0, 2, (0, 1, 2)),), (Placement(0, (0,)), Placement(1, (0,))))]))
+
+
+def test_path_split_costs_by_hand():
+    """Each of h ranks runs ceil(k / h) of the k profiled paths on the whole batch, then one all-reduce of every
+    parameter's gradient (param_bytes, not the sampled paths' grad_bytes) and no BatchNorm all-reduces."""
+    profile = hand_profile()
+    profile.paths_per_step = 3
+    profile.blocks[0].param_bytes = 5e6
+    fed = Plan([Phase((Relay(0, 2, (0,)),), (Placement(0, (0, 1), "paths"), Placement(1, (0,))))])
+    paths = 4.0 * 2 / 3 + (0.02 + 5e6 * 1e-8)  # 2 of 3 paths on rank 0 (the most loaded), the all-reduce
+    feed = 0.01 + (1000 + 2000) * 8 * 1e-6  # every row of block 0's input and target
+    times = rank_times(profile, fed)
+    assert times[0] == pytest.approx(1.0 + (2.0 + 6.0) + paths + feed)
+    assert times[1] == pytest.approx(paths + feed)
+    buffers = 3 * (1000 + 2000) * 8 / MB  # receive buffers of all 8 rows
+    assert rank_memory(profile, fed)[1] == pytest.approx(40.0 - 5.0 + buffers)  # one path's whole-batch memory
+    # on its own link's two ranks: the link keeps the teacher and its rows, each rank receives the whole batch
+    own = Plan([Phase((Relay(0, 2, (0, 1)),), (Placement(0, (0, 1), "paths"), Placement(1, (0, 1))))])
+    block_1 = 3.5 + 0.02 + 4e6 * 1e-8 + 2 * 2 * 0.02  # batch split: gradients and BatchNorm all-reduces
+    assert rank_times(profile, own) == pytest.approx([0.6 + 1.2 + block_1 + paths + feed] * 2)
+    io = (1000 + 2000) * 4 / MB
+    assert rank_memory(profile, own) == pytest.approx([5.0 + io + 45.0 + 40.0 - 5.0 + buffers] * 2)
+    profile.blocks[0].param_bytes = None  # older profiles: the sampled paths' gradient bytes
+    assert rank_times(profile, fed)[1] == pytest.approx(4.0 * 2 / 3 + 0.02 + 2e6 * 1e-8 + feed)
+
+
+def bn_bound_profile(paths_per_step):
+    """One block whose batch split pays many BatchNorm all-reduces (2 x 10 x 0.1 s): splitting its 2 paths costs
+    only the gradient all-reduce."""
+    block = BlockProfile({1: 0.1, 2: 0.1}, {1: 10.0, 2: 5.0}, {1: 50.0, 2: 30.0}, 100, 1e3, 10, 1.0, 100,
+                         2e3)
+    return Profile("k", "cpu", 8, 2, [block], LinkModel(0.0, 0.0), {2: LinkModel(0.1, 0.0)},
+                   paths_per_step=paths_per_step)
+
+
+def test_place_splits_paths_where_batchnorm_syncs_cost_more():
+    plan = place(bn_bound_profile(2), 2, budget=None)
+    plan.validate(1, 2, 8, paths_per_step=2)
+    (student,) = plan.phases[0].students
+    assert student.split == "paths" and len(student.ranks) == 2
+    assert plan.predicted["step_s"] == pytest.approx(0.1 + 10.0 / 2 + 0.1)  # teacher on one rank, half the paths
+    assert plan.predicted["rank_s"] == rank_times(bn_bound_profile(2), plan)
+    assert "P" in plan.grid()
+    batch = place(bn_bound_profile(1), 2, budget=None)  # one path a step: only the batch can be split
+    (student,) = batch.phases[0].students
+    assert student.split == "batch" and len(student.ranks) == 2
+    assert batch.predicted["step_s"] == pytest.approx(0.1 + 5.0 + 0.1 + 2 * 10 * 0.1)
+    assert place(bn_bound_profile(2), 2, sync_bn=False, budget=None).phases[0].students[0].split == "batch"
+    # under a memory limit only where it needs no more memory (here the whole batch's activations: more)
+    limited = place(bn_bound_profile(2), 2, memory_limit_mb=1000.0, budget=None)
+    assert limited.phases[0].students[0].split == "batch" and limited.predicted["optimal"]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_place_with_path_splits_is_optimal(seed):
+    """Brute force over every plan with either split of every multi-device student (cheap feeds, dear all-reduces:
+    these seeds' plans mix path splits, batch splits and single devices)."""
+    rng = random.Random(500 + seed)
+    n, w = rng.randint(1, 3), rng.randint(2, 3)
+    profile = linked_profile(rng, n, w)
+    profile.paths_per_step = rng.choice([2, 3])
+    profile.p2p = LinkModel(rng.uniform(0.0, 0.05), 1e-6)
+    profile.allreduce = {2: LinkModel(rng.uniform(0.0, 0.2), 1e-7)}
+    for block in profile.blocks:
+        block.param_bytes = block.grad_bytes * rng.uniform(1.0, 4.0)
+    sync_bn = seed % 2 == 0
+    plan = place(profile, w, sync_bn=sync_bn, budget=None)
+    plan.validate(n, w, profile.batch_size, profile.paths_per_step)
+    (step, total), _ = brute_force(profile, w, sync_bn=sync_bn)
+    assert plan.predicted["step_s"] == pytest.approx(step, rel=1e-9)
+    assert sum(plan.predicted["rank_s"]) == pytest.approx(total, rel=1e-9)
+    assert plan.predicted["rank_s"] == rank_times(profile, plan, sync_bn)
 
 
 def dominant_profile():
