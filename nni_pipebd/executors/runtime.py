@@ -206,14 +206,15 @@ class _Run:
                                 x = y
                         with tracer.span("send"):
                             links.send(x, pairs, last)
-                    with tracer.span("recv"):
-                        inputs, flag = links.receive_feeds(pairs)
-                    last = last or flag
                     losses = {}
-                    with tracer.span("student"):
-                        for block, trainer in training.items():
-                            losses[block] = trainer.forward_backward(*inputs[block], scales[block],
-                                                                     share=shares.get(block))
+                    for block in links.feed_order():  # own rows first: fed blocks' senders run meanwhile
+                        with tracer.span("recv"):
+                            pair, flag = links.receive_feed(block, pairs)
+                        last = last or flag
+                        if block in training:
+                            with tracer.span("student"):
+                                losses[block] = training[block].forward_backward(*pair, scales[block],
+                                                                                 share=shares.get(block))
                     for placement in placements:
                         group = self.groups.get(tuple(sorted(placement.ranks)))
                         if group is not None and placement.block in shares:
@@ -394,28 +395,35 @@ class _Links:
         _expect(y, dtype_out, f"the output of teacher block {block}")
         return _pack(x, y, wire_dtype(dtype_in, dtype_out))
 
-    def receive_feeds(self, pairs) -> Tuple[Dict[int, Tuple[torch.Tensor, torch.Tensor]], bool]:
-        """(input, target) of every student block trained here, and whether a sender marked the step as last."""
-        inputs, stop = {}, False
-        for placement in self.routes.students:
-            block = placement.block
-            if block not in self.feeds_in:  # trained on this rank's own relay rows
-                inputs[block] = pairs[block]
-                continue
-            receiver, local, (p_lo, p_hi), _ = self.feeds_in[block]
-            packed = None
-            if receiver is not None:
-                packed = receiver.recv()
-                stop = stop or receiver.stop
-            if local:
-                mine, lo = self._pack(block, *pairs[block]), self.routes.rows[0]
-                if packed is None:
-                    packed = torch.empty((p_hi - p_lo,) + mine.shape[1:], dtype=mine.dtype, device=mine.device)
-                for a, b in local:
-                    packed[a - p_lo:b - p_lo].copy_(mine[a - lo:b - lo])
-            x, y = _unpack(packed, *self.shapes[block], *self.dtypes[block])
-            inputs[block] = (formatted(x, self.channels_last), formatted(y, self.channels_last))
-        return inputs, stop
+    def feed_order(self) -> List[int]:
+        """The student blocks of this rank in training order: a single-rank block on this rank's own relay rows
+        first, then single-rank blocks fed by other ranks (their senders compute meanwhile, so a feed that flows
+        back up the relay chain costs no stall), then multi-rank blocks by index — the same order on every rank of
+        their group, since their BatchNorm and gradient collectives run inside forward and backward."""
+        def key(placement: Placement) -> Tuple[int, int, int]:
+            if len(placement.ranks) > 1:
+                return 2, 0, placement.block
+            return int(placement.block in self.feeds_in), 0, placement.block
+
+        return [p.block for p in sorted(self.routes.students, key=key)]
+
+    def receive_feed(self, block: int, pairs) -> Tuple[Tuple[torch.Tensor, torch.Tensor], bool]:
+        """(input, target) of student block ``block`` trained here, and whether its sender marked the step as last."""
+        if block not in self.feeds_in:  # trained on this rank's own relay rows
+            return pairs[block], False
+        receiver, local, (p_lo, p_hi), _ = self.feeds_in[block]
+        packed, stop = None, False
+        if receiver is not None:
+            packed = receiver.recv()
+            stop = receiver.stop
+        if local:
+            mine, lo = self._pack(block, *pairs[block]), self.routes.rows[0]
+            if packed is None:
+                packed = torch.empty((p_hi - p_lo,) + mine.shape[1:], dtype=mine.dtype, device=mine.device)
+            for a, b in local:
+                packed[a - p_lo:b - p_lo].copy_(mine[a - lo:b - lo])
+        x, y = _unpack(packed, *self.shapes[block], *self.dtypes[block])
+        return (formatted(x, self.channels_last), formatted(y, self.channels_last)), stop
 
     def flush(self) -> None:
         for sender in [self.relay_out, self.flag_out, *self.feeds_out.values()]:
