@@ -252,7 +252,8 @@ def measure(args) -> Dict[str, Any]:
         "command": "python benchmarks/search_quality.py " + " ".join(args.argv),
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "doc", "render", "argv")},
         "machine": {"cpus": multiprocessing.cpu_count(), "torch": torch.__version__},
-        "library": {"until": config.distill.until, "epochs_cap": config.distill.epochs,
+        "library": {"reused": same, "train_s": manifest.get("train_time_s"), "until": config.distill.until,
+                    "epochs_cap": config.distill.epochs,
                     "stops": [b.get("stopped") for b in manifest["blocks"]],
                     "final_losses": [b["losses"][-1] if b["losses"] else None for b in manifest["blocks"]]},
         "teacher": {"val_accuracy": teacher_accuracy, "params": truth_runs[0]["teacher"]["params"]},
@@ -298,16 +299,24 @@ def render(run: Dict[str, Any]) -> str:
     gt, taus, sv = run["ground_truth"], run["kendall_tau"], run["search_vs_random"]
     teacher = run["teacher"]["val_accuracy"]
     base = taus["parameters (baseline)"]["tau"]
+    trained = run["library"].get("train_s")
+    if run["time_s"]["library"] < 1:  # the work folder held the same library
+        library = "reused" + (f" (trained in {trained:.0f} s by an earlier run)" if trained else "")
+    else:
+        library = f"{run['time_s']['library']:.0f} s"
+    stops = [s["epoch"] if s["reason"] == "epochs" else f"{s['epoch']}p" for s in run["library"]["stops"] if s]
     lines = [f"Generated from the JSON of `{run['command']}` ({run['machine']['cpus']} CPUs, torch "
-             f"{run['machine']['torch']}; {run['time_s']['total'] / 60:.1f} min: library "
-             f"{run['time_s']['library']:.0f} s, ranking {run['time_s']['ranking']:.0f} s, trainings "
-             f"{run['time_s']['finetune']:.0f} s).", "",
+             f"{run['machine']['torch']}; {run['time_s']['total'] / 60:.1f} min: library {library}, ranking "
+             f"{run['time_s']['ranking']:.0f} s, trainings {run['time_s']['finetune']:.0f} s).", "",
              f"Ground truth: {gt['archs']} architectures ({gt['params_min']:,.0f}-{gt['params_max']:,.0f} parameters) "
              f"x {gt['seeds']} seeds x {gt['epochs']} epochs (KD, Adam lr {gt.get('lr', 1e-3):g}, cosine) from "
              f"`{gt['init']}` "
              f"weights; mean accuracy "
              f"{gt['accuracy_min']:.3f}-{gt['accuracy_max']:.3f} (teacher {teacher:.3f}), seed std "
-             f"{gt['seed_std_mean']:.3f} on average; seed-to-seed tau **{run['seed_to_seed_tau']:.2f}**.", "",
+             f"{gt['seed_std_mean']:.3f} on average; seed-to-seed tau **{run['seed_to_seed_tau']:.2f}**. Library: "
+             f"epochs per block {', '.join(map(str, stops))} (p: stopped at a plateau; cap "
+             f"{run['library']['epochs_cap']}).",
+             "",
              "| signal vs mean stand-alone accuracy | Kendall tau | 90% bootstrap interval | p-value | "
              "interval above the parameter baseline |",
              "|---|---|---|---|---|"]

@@ -42,11 +42,10 @@ CLASSIFIED = {
     "python benchmarks/executors.py --workers 2 --json benchmarks/results-cpu-w2.json --doc docs/benchmarks.md": SCRIPT,
     "python benchmarks/executors.py --render benchmarks/results-cpu-w2.json --doc docs/benchmarks.md": SCRIPT,
     "python benchmarks/soak.py --epochs 40": SCRIPT,
-    "python benchmarks/search_quality.py --json benchmarks/results-search-quality.json": SCRIPT,
     "python benchmarks/search_quality.py --init library --finetune-epochs 2 "
     "--json benchmarks/results-search-quality-library.json": SCRIPT,
-    "python benchmarks/search_quality.py --render benchmarks/results-search-quality.json "
-    "--render benchmarks/results-search-quality-library.json --doc docs/search.md": SCRIPT,
+    "python benchmarks/search_quality.py --render benchmarks/results-search-quality-library.json "
+    "--doc docs/search.md": SCRIPT,
     # docs/guide.md
     "nni-pipebd blocks examples/custom/config.yaml": RUN,
     # tests/test_cli.py::test_blocks_and_train_with_user_teacher_and_data runs this job (its teacher trained first)
