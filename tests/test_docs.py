@@ -57,12 +57,12 @@ CLASSIFIED = {
     # docs/quickstart.md, in this order: the library the first one writes serves the others
     "nni-pipebd train examples/digits/config.yaml --executor pipebd --workers 2 --out runs/lib": RUN,
     "nni-pipebd plan examples/digits/config.yaml --workers 4": RUN,
-    "nni-pipebd search runs/lib --method dna --budget params=420k --top-k 3 --out runs/archs.json": RUN,
+    "nni-pipebd search runs/lib --method dna --budget params=450k --top-k 3 --out runs/archs.json": RUN,
     "nni-pipebd finetune runs/lib --arch runs/archs.json": RUN,
     "nni-pipebd report runs/lib": RUN,
     # docs/search.md
     "nni-pipebd train examples/digits/config.yaml --out runs/digits": PARSE,  # quickstart's job, run above
-    "nni-pipebd search runs/digits --method dna --budget params=420k [--top-k 5] [--max-paths 64] --out archs.json "
+    "nni-pipebd search runs/digits --method dna --budget params=450k [--top-k 5] [--max-paths 64] --out archs.json "
     "[--json]": USAGE,
     "nni-pipebd search runs/digits --method donna --budget latency_ms=3.5 [--predictor-archs 8 --epochs 1] "
     "--out front.json": USAGE,
