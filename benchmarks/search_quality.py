@@ -213,22 +213,23 @@ def measure(args) -> Dict[str, Any]:
     truth_runs, dna_runs, random_runs = runs[:n_truth], runs[n_truth:n_truth + args.seeds], runs[n_truth + args.seeds:]
     # the network stacked from the library's blocks (BN recalibrated), evaluated without training
     as_built = FinetuneSettings(epochs=0, init="library", seed=0)
-    built = run_finetunes(library_dir, [(s, as_built, str(out / "runs" / f"stacked_{_sample_id(s)}.json"))
+    built = run_finetunes(library_dir, [(s, as_built, str(out / "runs" / f"stacked_{architecture_id(s)}.json"))
                                         for s in truth_set + [dna_pick] + random_set],
                           args.processes, args.threads)
-    stacked_of = {json.dumps(r["sample"], sort_keys=True): r["student"]["val_accuracy"] for r in built}
+    stacked_of = {architecture_id(r["sample"]): r["student"]["val_accuracy"] for r in built}
     per_seed = _accuracies(truth_runs, args.seeds)
     accuracy = per_seed.mean(0)
     features = architecture_features(scores, truth_set)
     predictor = AccuracyPredictor().fit(features, accuracy)
     donna_pick = donna_search(scores, predictor, budget, top_k=1, seed=args.seed)[0]["sample"]
     donna_runs = run_finetunes(library_dir, jobs("donna", [donna_pick])
-                               + [(donna_pick, as_built, str(out / "runs" / f"stacked_{_sample_id(donna_pick)}.json"))],
+                               + [(donna_pick, as_built,
+                                   str(out / "runs" / f"stacked_{architecture_id(donna_pick)}.json"))],
                                args.processes, args.threads)
-    stacked_of[json.dumps(donna_pick, sort_keys=True)] = donna_runs.pop()["student"]["val_accuracy"]
+    stacked_of[architecture_id(donna_pick)] = donna_runs.pop()["student"]["val_accuracy"]
     finetune_s = time.perf_counter() - tic
 
-    stacked = np.array([stacked_of[json.dumps(sample, sort_keys=True)] for sample in truth_set])
+    stacked = np.array([stacked_of[architecture_id(sample)] for sample in truth_set])
     measures = {
         "DNA score": -dna_scores(scores, truth_set),
         "DONNA predictor, leave-one-out": AccuracyPredictor().leave_one_out(features, accuracy),
@@ -246,7 +247,7 @@ def measure(args) -> Dict[str, Any]:
         return {"sample": sample, "params": run["student"]["params"], "params_ratio": run["params_ratio"],
                 "accuracy_mean": float(accs.mean()), "accuracy_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
                 "accuracy_per_seed": accs.tolist(),
-                "library_stacked_accuracy": stacked_of.get(json.dumps(sample, sort_keys=True))}
+                "library_stacked_accuracy": stacked_of.get(architecture_id(sample))}
 
     return {
         "command": "python benchmarks/search_quality.py " + " ".join(args.argv),
@@ -279,10 +280,6 @@ def measure(args) -> Dict[str, Any]:
         "time_s": {"library": library_s, "ranking": ranking_s, "finetune": finetune_s,
                    "total": time.perf_counter() - start},
     }
-
-
-def _sample_id(sample: Mapping[str, Any]) -> str:
-    return architecture_id(sample)
 
 
 def _space_size(scores: Mapping[str, Any]) -> int:
@@ -368,8 +365,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/search-quality", help="work folder (library, per-run results)")
     parser.add_argument("--archs", type=int, default=16, help="ground-truth architectures")
     parser.add_argument("--seeds", type=int, default=3, help="trainings per architecture (seeds 0..N-1)")
-    parser.add_argument("--finetune-epochs", type=int, default=4, help="epochs of every stand-alone training")
-    parser.add_argument("--init", choices=["library", "scratch"], default="scratch",
+    parser.add_argument("--finetune-epochs", type=int, default=2, help="epochs of every stand-alone training")
+    parser.add_argument("--init", choices=["library", "scratch"], default="library",
                         help="stand-alone training starts from scratch or from the library's weights")
     parser.add_argument("--lr", type=float, help="learning rate of every stand-alone training (default: finetune's)")
     parser.add_argument("--random", type=int, default=20, help="random architectures within the budget")
