@@ -33,7 +33,9 @@ def run_plan(ctx: WorkerContext, job: Job, plan: Plan, save_block, label: Option
     ones during it; a path split, ``Placement.split == 'paths'``: each rank runs its share of the step's paths on
     the whole batch, then one flat all-reduce sums every gradient, which parameters any rank touched, and the
     paths' BatchNorm statistics, replayed in path order), waits at a barrier when ``execution.decoupled`` is off,
-    and steps. The phase's leader decides a stop and the decision travels with the step's messages, so every rank
+    and steps. A single-rank student fed from a later link of the chain (``RankRoutes.late``) trains one step late,
+    on the previous step's feed, so that no step waits for the links after its own; it catches up at every epoch
+    end, checkpoint and last step (the same batches in the same order: the same weights). The phase's leader decides a stop and the decision travels with the step's messages, so every rank
     of a phase ends after the same step. A finished block is saved by the first rank of its placement.
 
     ``keys``: the checkpoint name of every rank (default ``rank<r>``); a plan whose phases do not all span every
@@ -239,11 +241,11 @@ class _Run:
                             dist.barrier(group=barrier)
                     with tracer.span("student"):
                         for block, trainer in training.items():
-                            lr = trainer.optimizer.param_groups[0]["lr"]
-                            trainer.apply(losses[block])
-                            self.report.blocks[block].add(float(losses[block]))
-                            if block in self.reporting:
-                                ctx.metrics.step(block, trainer.steps, float(losses[block]), lr)
+                            if block in losses:
+                                self._apply(block, trainer, losses[block])
+                    if links.late:  # caught up at epoch ends, checkpoints and the last step: nothing left pending
+                        drain = last or (done + 1) % self.steps == 0 or self.checkpoints.due(base + done + 1)
+                        last = self._late(links, training, last, drain)
                     done += 1
                     if plateau and done % self.steps == 0:
                         links.flush()  # before the epoch's decision: the next epoch has links of its own
@@ -256,6 +258,38 @@ class _Run:
         for block in trainers:
             self.report.blocks[block].stop("epochs")  # the blocks that did not converge before the cap
         return trainers
+
+    def _apply(self, block: int, trainer: BlockTrainer, loss: torch.Tensor) -> None:
+        """Step ``block``'s optimizer on the gradients of ``loss`` and record the loss."""
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        trainer.apply(loss)
+        self.report.blocks[block].add(float(loss))
+        if block in self.reporting:
+            self.ctx.metrics.step(block, trainer.steps, float(loss), lr)
+
+    def _late(self, links: "_Links", training: Dict[int, BlockTrainer], last: bool, drain: bool) -> bool:
+        """Train this rank's late blocks (fed from later links, see ``RankRoutes.late``) on the previous step's
+        feed and, at a ``drain`` step, on this step's too; returns ``last`` with the feeds' stop flags."""
+        tracer = self.ctx.tracer
+        for block in links.late:
+            trainer = training.get(block)
+            if trainer is None:
+                continue
+            rounds = [True] * (block in links.pending) + [False] * drain
+            for previous in rounds:
+                with tracer.span("recv"):
+                    pair, flag = links.receive_feed(block, {})
+                if flag and previous:  # the relay tells a link rank the leader's decision before any feed
+                    raise RuntimeError(f"rank {self.ctx.rank}: the feed of late student block {block} marks the "
+                                       "previous step as the last, but no earlier message did (a plan routing bug)")
+                last = last or flag
+                with tracer.span("student"):
+                    self._apply(block, trainer, trainer.forward_backward(*pair))
+            if drain:
+                links.pending.discard(block)
+            else:
+                links.pending.add(block)
+        return last
 
     def _active(self, phase: Phase) -> Optional[Phase]:
         """``phase`` without its converged blocks and the relay links after the last block still training."""
@@ -369,6 +403,8 @@ class _Links:
         self.flag_in = (FlagReceiver(routes.flag_from, steps, depth, timeout, device, group)
                         if routes.flag_from is not None else None)
         self.flag_out = FlagSender(routes.flag_to, depth, timeout, device, group) if routes.flag_to else None
+        self.late = list(routes.late)
+        self.pending: set = set()  # late blocks whose previous step's feed is still to be trained on
 
     def exchange_flag(self, last: bool) -> bool:
         if self.flag_out is not None:
@@ -396,16 +432,16 @@ class _Links:
         return _pack(x, y, wire_dtype(dtype_in, dtype_out))
 
     def feed_order(self) -> List[int]:
-        """The student blocks of this rank in training order: a single-rank block on this rank's own relay rows
-        first, then single-rank blocks fed by other ranks (their senders compute meanwhile, so a feed that flows
-        back up the relay chain costs no stall), then multi-rank blocks by index — the same order on every rank of
-        their group, since their BatchNorm and gradient collectives run inside forward and backward."""
-        def key(placement: Placement) -> Tuple[int, int, int]:
+        """The student blocks this rank trains within the step, in order: single-rank blocks on this rank's own
+        relay rows first, then single-rank blocks fed by other ranks (their senders compute meanwhile), then
+        multi-rank blocks by index — the same order on every rank of their group, since their BatchNorm and gradient
+        collectives run inside forward and backward. Late blocks (fed from later links) come after the step."""
+        def key(placement: Placement) -> Tuple[int, int]:
             if len(placement.ranks) > 1:
-                return 2, 0, placement.block
-            return int(placement.block in self.feeds_in), 0, placement.block
+                return 2, placement.block
+            return int(placement.block in self.feeds_in), placement.block
 
-        return [p.block for p in sorted(self.routes.students, key=key)]
+        return [p.block for p in sorted(self.routes.students, key=key) if p.block not in self.late]
 
     def receive_feed(self, block: int, pairs) -> Tuple[Tuple[torch.Tensor, torch.Tensor], bool]:
         """(input, target) of student block ``block`` trained here, and whether its sender marked the step as last."""

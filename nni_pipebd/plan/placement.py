@@ -34,8 +34,9 @@ def rank_times(profile: Profile, plan: Plan, sync_bn: bool = True) -> List[float
     target rows, ``p2p.time((activation_in_bytes + activation_out_bytes) * rows)``. A path split (each rank the
     whole batch and ``ceil(k / h)`` of the ``k = paths_per_step`` paths) pays ``student_s[1] * ceil(k / h) / k``,
     one all-reduce of every parameter's gradient (``param_bytes``), no BatchNorm synchronisation, and the receive
-    of all ``B`` rows. A co-located pipeline plan gets exactly :func:`~nni_pipebd.plan.solver.stage_time` per
-    stage. Sends are not charged (as in ``stage_time``).
+    of all ``B`` rows. A link rank pays for packing and sending the input and output rows of every block whose
+    student is not co-located, as much as their receive (the same link model). A co-located pipeline plan gets
+    exactly :func:`~nni_pipebd.plan.solver.stage_time` per stage (relay sends are not charged, as there).
 
     Parameters
     ----------
@@ -65,8 +66,8 @@ def rank_times(profile: Profile, plan: Plan, sync_bn: bool = True) -> List[float
                     total += profile.allreduce_time(block.grad_bytes, g)
                     if sync_bn:
                         total += 2 * block.bn_layers * profile.allreduce_time(0, g)
-            else:
-                total += block.teacher_s[g]
+            else:  # the teacher forward and the send of the block's input and output rows to its student
+                total += block.teacher_s[g] + _feed_time(profile, i, g)
         if relay.start > 0:
             total += profile.p2p.time(profile.blocks[relay.start].activation_in_bytes * _rows(profile, g))
         for r in relay.ranks:
@@ -279,14 +280,16 @@ def piece_costs(profile: Profile, workers: int, sync_bn: bool = True, queue_dept
             teacher[TIME][i][g], teacher[MEMORY][i][g] = block.teacher_s[g], low
             colocated[TIME][i][g] = _student_time(profile, i, g, sync_bn)
             colocated[MEMORY][i][g] = block.memory_mb[g] - low
-            teacher_only[TIME][i][g], teacher_only[MEMORY][i][g] = 0.0, alone - low
+            send = _feed_time(profile, i, g)  # a link rank sending the block's rows to its student elsewhere
+            teacher_only[TIME][i][g], teacher_only[MEMORY][i][g] = send, alone - low
             fed[TIME][i][g] = _fed_time(profile, i, g, "batch", sync_bn)
             fed[MEMORY][i][g] = max(0.0, _student_mb(profile, i, g, queue_depth))
             if 1 < g <= profile.paths_per_step:  # the path split, where it is faster (on the link's ranks: fed)
                 time = _fed_time(profile, i, g, "paths", sync_bn)
                 memory = max(0.0, _student_mb(profile, i, g, queue_depth, "paths"))
-                if time < colocated[TIME][i][g] and not (limited and alone - low + memory > colocated[MEMORY][i][g]):
-                    colocated[TIME][i][g], colocated[MEMORY][i][g] = time, alone - low + memory
+                if time + send < colocated[TIME][i][g] and \
+                        not (limited and alone - low + memory > colocated[MEMORY][i][g]):
+                    colocated[TIME][i][g], colocated[MEMORY][i][g] = time + send, alone - low + memory
                     paths_colocated[i][g] = True
                 if time < fed[TIME][i][g] and not (limited and memory > fed[MEMORY][i][g]):
                     fed[TIME][i][g], fed[MEMORY][i][g] = time, memory
@@ -390,7 +393,7 @@ def _fed_time(profile: Profile, i: int, h: int, split: str, sync_bn: bool) -> fl
 
 
 def _feed_time(profile: Profile, i: int, h: int) -> float:
-    """Receiving block ``i``'s input and target rows away from its teacher link."""
+    """Sending or receiving block ``i``'s input and target rows between its teacher link and its student."""
     return profile.p2p.time((profile.blocks[i].activation_in_bytes + profile.out_bytes(i)) * _rows(profile, h))
 
 

@@ -113,7 +113,10 @@ class RankRoutes:
     (block, peer rank, lo, hi) of a teacher block's input and output sent to a student elsewhere; ``students``:
     its placements; ``feeds_in``: per student block it trains, (peer rank, lo, hi) it assembles its rows from
     (the peer may be itself: a local copy), or ``None`` when its own link rows are the block's rows;
-    ``flag_from`` / ``flag_to``: the leader's stop decision sent explicitly at the start of every step.
+    ``flag_from`` / ``flag_to``: the leader's stop decision sent explicitly at the start of every step; ``late``:
+    single-rank student blocks of a link rank fed from a later link of the chain — their input flows back against
+    the relay, so the rank trains them one step late (the same batches in the same order) instead of waiting for
+    the later links within the step.
     """
 
     relay: Optional[int] = None
@@ -125,6 +128,7 @@ class RankRoutes:
     feeds_in: Dict[int, Optional[List[Tuple[int, int, int]]]] = field(default_factory=dict)
     flag_from: Optional[int] = None
     flag_to: List[int] = field(default_factory=list)
+    late: List[int] = field(default_factory=list)
 
 
 class Plan:
@@ -283,6 +287,8 @@ class Plan:
                 out.students.append(placement)
                 out.feeds_in[placement.block] = None if local else _overlaps(mine[k], *placement.rows(batch, rank),
                                                                              exclude=None)
+                if out.relay is not None and k > out.relay and len(placement.ranks) == 1:
+                    out.late.append(placement.block)
         leader = phase.leader
         first = phase.relays[0].ranks
         for peer in first[1:]:  # a loading rank that sends before it could learn the decision from an all-reduce

@@ -134,10 +134,14 @@ class Profile:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+METHOD = 2
+"""How :func:`profile_job` measures (part of the key: a cached profile measured otherwise is measured again)."""
+
+
 def profile_key(job: Job, max_devices: int, device: torch.device) -> str:
     """Model + batch size + device kind (+ the settings that change costs: precision, memory format), hashed."""
     config = job.config
-    what = {"teacher": asdict(config.model.teacher), "student": asdict(config.model.student),
+    what = {"method": METHOD, "teacher": asdict(config.model.teacher), "student": asdict(config.model.student),
             "image": [config.data.image_size, config.data.channels], "batch_size": config.data.batch_size,
             "optimizer": config.distill.optimizer, "paths_per_step": config.distill.paths_per_step,
             "device": device.type, "max_devices": max_devices, "threads": torch.get_num_threads(),
@@ -145,63 +149,88 @@ def profile_key(job: Job, max_devices: int, device: torch.device) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def profile_job(job: Job, max_devices: int, device: torch.device = torch.device("cpu"), repeats: int = 3,
+def profile_job(job: Job, max_devices: int, device: torch.device = torch.device("cpu"), repeats: int = 16,
                 warmup: int = 1) -> Profile:
     """Measure every block at per-device batch ceil(B/g) for g = 1..max_devices (compute only, this process).
 
     Link costs (``p2p``, ``allreduce``) are left empty; the launcher measures them with real workers. A student
     step is ``distill.paths_per_step`` paths (recorded in the profile). Blocks run as the runtime runs them: under
     ``execution.precision``'s autocast and in its memory format, so times, memory and the bytes a relay carries
-    (``activation_in_bytes``: bf16 halves them) are those of the setting.
+    (``activation_in_bytes``: bf16 halves them) are those of the setting. The teacher is timed as the relay runs
+    it: the whole chain, block after block, on a batch of its own per round (``teacher_s``: the median over
+    ``repeats`` rounds; a block timed alone, again and again on one input, runs from warm caches and reads 10-15%
+    fast on a CPU). Each student step samples its own path (a supernet's paths differ in cost several-fold), so
+    ``student_s`` is the mean over ``repeats`` paths — the same paths at every degree.
     """
     batch = job.config.data.batch_size
     precision, channels_last = job.config.execution.precision, job.config.execution.channels_last
     layout = memory_format(channels_last)
     degrees = [g for g in range(1, max_devices + 1) if g <= batch]
+    teachers = [teacher.to(device, memory_format=layout) for teacher in job.spec.teacher]
+    chain = _chain_times(job, teachers, degrees, warmup + repeats, warmup, device)
     images = torch.stack([job.dataset[i % len(job.dataset)][0] for i in range(batch)]).to(device)
     blocks: List[BlockProfile] = []
     x = formatted(images, channels_last)
     slots = 2 if job.config.distill.optimizer == "adam" else (1 if job.config.distill.momentum else 0)
-    for index, (teacher, student) in enumerate(zip(job.spec.teacher, job.spec.student)):
-        teacher = teacher.to(device, memory_format=layout)
+    for index, (teacher, student) in enumerate(zip(teachers, job.spec.student)):
         with torch.no_grad(), autocast(precision, device):
             y = formatted(teacher(x), channels_last)
-        t_s, s_s, mem, grads, bns = {}, {}, {}, [], []
+        s_s, mem, grads, bns = {}, {}, [], []
         for g in degrees:
             rows = math.ceil(batch / g)
             xs, ys = x[:rows], y[:rows]
             trainer = BlockTrainer(index, copy.deepcopy(student).to(device, memory_format=layout), job.config.distill,
                                    warmup + repeats, precision)
-            teacher_times, student_times = [], []
+            student_times = []
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
             for round_ in range(warmup + repeats):
+                if device.type == "cuda":  # its activations count in the block's peak memory (co-located stage)
+                    with torch.no_grad(), autocast(precision, device):
+                        teacher(xs)
                 start = _now(device)
-                with torch.no_grad(), autocast(precision, device):
-                    teacher(xs)
-                middle = _now(device)
                 trainer.step(xs, ys)
                 end = _now(device)
                 if round_ >= warmup:
-                    teacher_times.append(middle - start)
-                    student_times.append(end - middle)
+                    student_times.append(end - start)
                     if g == 1:
                         grads.append(sum(p.numel() * p.element_size() for p in trainer.parameters_with_grad()))
                         bns.append(_bn_on_path(trainer.student))
-            t_s[g] = sorted(teacher_times)[len(teacher_times) // 2]
             s_s[g] = sum(student_times) / len(student_times)
             if device.type == "cuda":
                 mem[g] = (torch.cuda.max_memory_allocated(device) - base) / MB + _bytes(teacher) / MB
             else:
                 mem[g] = _cpu_memory_mb(teacher, trainer, xs, ys, slots, precision)
         params = sum(p.numel() * p.element_size() for p in student.parameters() if p.requires_grad)
-        blocks.append(BlockProfile(t_s, s_s, mem, int(x[0].numel() * x.element_size()),
+        blocks.append(BlockProfile(chain[index], s_s, mem, int(x[0].numel() * x.element_size()),
                                    sum(grads) / len(grads), sum(bns) / len(bns), _bytes(teacher) / MB,
                                    int(y[0].numel() * y.element_size()), float(params)))
         x = y
     return Profile(profile_key(job, max_devices, device), device.type, batch, max_devices, blocks,
                    paths_per_step=job.config.distill.paths_per_step)
+
+
+def _chain_times(job: Job, teachers: List[nn.Module], degrees: List[int], rounds: int, warmup: int,
+                 device: torch.device) -> List[Dict[int, float]]:
+    """Per teacher block and degree g, the median seconds of its forward on ceil(B/g) rows, timed inside the whole
+    chain on a fresh batch per round (as a relay runs it)."""
+    config = job.config
+    batch, size = config.data.batch_size, len(job.dataset)
+    precision, channels_last = config.execution.precision, config.execution.channels_last
+    times: List[Dict[int, List[float]]] = [{g: [] for g in degrees} for _ in teachers]
+    for g in degrees:
+        rows = math.ceil(batch / g)
+        for round_ in range(rounds):
+            x = torch.stack([job.dataset[(round_ * batch + i) % size][0] for i in range(rows)]).to(device)
+            x = formatted(x, channels_last)
+            with torch.no_grad(), autocast(precision, device):
+                for index, teacher in enumerate(teachers):
+                    start = _now(device)
+                    x = formatted(teacher(x), channels_last)
+                    if round_ >= warmup:
+                        times[index][g].append(_now(device) - start)
+    return [{g: sorted(values)[len(values) // 2] for g, values in block.items()} for block in times]
 
 
 def _bn_on_path(student: nn.Module) -> int:

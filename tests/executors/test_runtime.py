@@ -63,14 +63,18 @@ def test_split_links_and_students_match_reference(tmp_path, reference, decoupled
     assert manifest["counters"]["samples_loaded_per_sample"] == 1
 
 
-def test_stop_reaches_every_rank_of_a_free_plan_and_resume_matches(tmp_path, reference):
-    """The leader's decision travels to its fellow loading rank (which sends on) and with every relay and feed."""
+@pytest.mark.parametrize("name,plan,steps,every", [("split", SPLIT, 3, 1), ("late", APART, 8, 4)])
+def test_stop_reaches_every_rank_of_a_free_plan_and_resume_matches(tmp_path, name, plan, steps, every):
+    """The leader's decision travels to its fellow loading rank (which sends on) and with every relay and feed.
+    ``late``: the stop falls between checkpoints, where rank 0 has a step of block 3 pending (its teacher block
+    runs on rank 1, so rank 0 trains it one step late): it catches up before its checkpoint."""
     from test_stopping import checkpointed, cli, finish, start, stopped_steps, wait_for
     import yaml
 
-    path = SPLIT.save(tmp_path / "plan.json")
-    config = tiny_config(tmp_path, distill={"epochs": 2},
-                         execution={"executor": "pipebd", "workers": 3, "plan": str(path), "checkpoint_every": 1})
+    path = plan.save(tmp_path / "plan.json")
+    sections = {"distill": {"epochs": 2, "max_steps_per_epoch": steps}, "data": {"num_samples": 8 * steps}}
+    config = tiny_config(tmp_path, **sections, execution={"executor": "pipebd", "workers": 3, "plan": str(path),
+                                                          "checkpoint_every": every})
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config.to_dict()))
     proc = start(cli("train", str(tmp_path / "job.yaml"), "--out", "run"), tmp_path)
     try:
@@ -81,9 +85,30 @@ def test_stop_reaches_every_rank_of_a_free_plan_and_resume_matches(tmp_path, ref
         finish(proc)
     assert returncode == 143, output[-3000:]
     step = int(output.split("after step ")[1].split(";")[0])
-    assert step < 6 and stopped_steps(tmp_path / "run") == {"rank0": step, "rank1": step, "rank2": step}
+    assert step < 2 * steps and stopped_steps(tmp_path / "run") == {"rank0": step, "rank1": step, "rank2": step}
+    if name == "late":
+        assert step % every and step % steps, step  # neither a checkpoint nor an epoch end: a late step was due
     train(config, tmp_path / "run", resume=True)
-    assert_same_blocks(reference[0], tmp_path / "run", 5, exact=False, rtol=1e-4, atol=1e-5)
+    train(tiny_config(tmp_path, **sections), tmp_path / "ref")
+    assert_same_blocks(tmp_path / "ref", tmp_path / "run", 5, exact=name == "late", rtol=1e-4, atol=1e-5)
+
+
+def test_late_students_catch_up_at_checkpoints_so_a_failed_run_resumes_bitwise(tmp_path, reference, monkeypatch):
+    """Rank 0 trains block 3 one step late; its checkpoints (every 2 steps) hold block 3 caught up, so a run that
+    fails between them resumes to the reference's weights bit for bit."""
+    from nni_pipebd.executors.faults import ENV, InjectedFault
+    from nni_pipebd.executors.launch import WorkerError
+
+    monkeypatch.setenv(ENV, "rank=1,step=5")  # after the checkpoint of step 4; rank 0 trained block 3 late before it
+    with pytest.raises((InjectedFault, WorkerError), match="injected fault at rank"):
+        run_plan(tmp_path, APART, checkpoint_every=2)
+    monkeypatch.delenv(ENV)
+    path = APART.save(tmp_path / "plan.json")
+    config = tiny_config(tmp_path, distill={"epochs": 2},
+                         execution={"executor": "pipebd", "workers": 3, "plan": str(path), "checkpoint_every": 2})
+    resumed = train(config, tmp_path / "run", resume=True)
+    assert_same_blocks(reference[0], tmp_path / "run", 5, exact=True)
+    assert [b["losses"] for b in resumed["blocks"]] == [b["losses"] for b in reference[1]["blocks"]]
 
 
 def test_decoupled_updates_remove_the_per_step_wait(tmp_path, monkeypatch):

@@ -118,8 +118,9 @@ def test_rank_costs_by_hand():
     plan = Plan([Phase((Relay(0, 2, (0,)),), (Placement(0, (0, 1)), Placement(1, (0,))))])
     allreduce = 0.02 + 2e6 * 1e-8 + 2 * 3 * 0.02  # gradients, then two latency all-reduces per BatchNorm layer
     feed = 0.01 + (1000 + 2000) * 4 * 1e-6  # input and target of block 0, 4 rows of 8
+    send = 0.01 + (1000 + 2000) * 8 * 1e-6  # the link rank packs and sends all 8 rows of them
     times = rank_times(profile, plan)
-    assert times[0] == pytest.approx(1.0 + (2.0 + 6.0) + 2.5 + allreduce + feed)
+    assert times[0] == pytest.approx(1.0 + send + (2.0 + 6.0) + 2.5 + allreduce + feed)
     assert times[1] == pytest.approx(2.5 + allreduce + feed)
     io = (1000 + 2000) * 8 / MB  # block 0's teacher input and output rows, held on the link
     buffers = 3 * (1000 + 2000) * 4 / MB  # queue_depth + 1 receive buffers of the fed student
@@ -153,14 +154,15 @@ def test_path_split_costs_by_hand():
     paths = 4.0 * 2 / 3 + (0.02 + 5e6 * 1e-8)  # 2 of 3 paths on rank 0 (the most loaded), the all-reduce
     feed = 0.01 + (1000 + 2000) * 8 * 1e-6  # every row of block 0's input and target
     times = rank_times(profile, fed)
-    assert times[0] == pytest.approx(1.0 + (2.0 + 6.0) + paths + feed)
+    assert times[0] == pytest.approx(1.0 + feed + (2.0 + 6.0) + paths + feed)  # the link sends them too
     assert times[1] == pytest.approx(paths + feed)
     buffers = 3 * (1000 + 2000) * 8 / MB  # receive buffers of all 8 rows
     assert rank_memory(profile, fed)[1] == pytest.approx(40.0 - 5.0 + buffers)  # one path's whole-batch memory
     # on its own link's two ranks: the link keeps the teacher and its rows, each rank receives the whole batch
     own = Plan([Phase((Relay(0, 2, (0, 1)),), (Placement(0, (0, 1), "paths"), Placement(1, (0, 1))))])
     block_1 = 3.5 + 0.02 + 4e6 * 1e-8 + 2 * 2 * 0.02  # batch split: gradients and BatchNorm all-reduces
-    assert rank_times(profile, own) == pytest.approx([0.6 + 1.2 + block_1 + paths + feed] * 2)
+    send = 0.01 + (1000 + 2000) * 4 * 1e-6  # each link rank packs and sends its 4 rows
+    assert rank_times(profile, own) == pytest.approx([0.6 + send + 1.2 + block_1 + paths + feed] * 2)
     io = (1000 + 2000) * 4 / MB
     assert rank_memory(profile, own) == pytest.approx([5.0 + io + 45.0 + 40.0 - 5.0 + buffers] * 2)
     profile.blocks[0].param_bytes = None  # older profiles: the sampled paths' gradient bytes

@@ -107,6 +107,24 @@ def test_routes_match_between_ranks_and_cover_every_row(trial):
     first = phase.relays[0].ranks
     told = {r for r in routes if routes[r].flag_from is not None}
     assert told == set(routes[phase.leader].flag_to) and told <= set(first[1:])
+    # a late block (trained one step late) is a single-rank student of a link rank fed from a later link, and that
+    # rank learns the stop decision before its students: from its relay input, an explicit flag, or as the leader
+    for r, route in routes.items():
+        for block in route.late:
+            assert route.relay is not None and phase.relays.index(phase.relay_of(block)) > route.relay
+            assert [p.ranks for p in route.students if p.block == block] == [(r,)]
+            assert route.relay > 0 or r in told or r == phase.leader
+
+
+def test_students_fed_from_a_later_link_train_late():
+    plan = free_plan()
+    phase = plan.phases[0]
+    # rank 0 (link 0) trains block 4, whose teacher block runs on rank 1 (link 1): its input flows back
+    assert [plan.routes(phase, r, 8).late for r in range(3)] == [[4], [], []]
+    # a student split over ranks fed from a later link stays in its step (its collectives span the group)
+    split = Plan([Phase((Relay(0, 3, (0,)), Relay(3, 5, (1,))),
+                        tuple(Placement(i, (0,)) for i in range(3)) + (Placement(3, (0, 1)), Placement(4, (0,))))])
+    assert split.routes(split.phases[0], 0, 8).late == [4]
 
 
 def test_loading_ranks_that_send_are_told_the_stop_decision():

@@ -1,0 +1,60 @@
+"""The profiler times blocks as training runs them: the teacher inside its chain, students over sampled paths."""
+
+import math
+
+import pytest
+
+from conftest import tiny_config
+from nni_pipebd.distill.trainer import BlockTrainer
+from nni_pipebd.job import build_job
+from nni_pipebd.plan import profiler
+from nni_pipebd.plan.profiler import profile_job
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """A fake clock the patched forwards and steps advance: timings become exact."""
+    now = [0.0]
+    monkeypatch.setattr(profiler, "_now", lambda device: now[0])
+    return now
+
+
+def test_teacher_is_timed_in_its_chain_on_a_fresh_batch_per_round(clock):
+    job = build_job(tiny_config())
+    seen = []  # (block, first value of its input) per teacher forward
+
+    def forward_hook(index):
+        def hook(module, inputs, output):
+            seen.append((index, float(inputs[0].flatten()[0])))
+            clock[0] += (index + 1) * len(inputs[0])  # block i costs (i + 1) s per row
+        return hook
+
+    for i, block in enumerate(job.spec.teacher):
+        block.register_forward_hook(forward_hook(i))
+    profile = profile_job(job, 2, repeats=3, warmup=1)
+    batch = job.config.data.batch_size
+    for i, block in enumerate(profile.blocks):
+        assert block.teacher_s == {g: (i + 1) * math.ceil(batch / g) for g in (1, 2)}
+    chain = [x for x in seen if x[0] == 0][:4]  # block 0's inputs over the first degree's 4 rounds
+    assert len({value for _, value in chain}) == 4  # a batch of its own per round
+    n = len(profile.blocks)
+    assert [index for index, _ in seen[:2 * n]] == list(range(n)) * 2  # the whole chain, round after round
+
+
+def test_student_step_is_the_mean_over_sampled_paths(clock, monkeypatch):
+    job = build_job(tiny_config())
+    paths = []
+    step = BlockTrainer.step
+
+    def timed_step(self, x, target, *args, **kwargs):
+        result = step(self, x, target, *args, **kwargs)
+        paths.append(self.index)
+        clock[0] += len(paths)  # the k-th step of the whole profile costs k s
+        return result
+
+    monkeypatch.setattr(BlockTrainer, "step", timed_step)
+    profile = profile_job(job, 1, repeats=4, warmup=1)
+    # block 0 at g = 1: steps 1..5, the warm-up (1 s) left out: the mean of 2, 3, 4, 5
+    assert profile.blocks[0].student_s[1] == pytest.approx(3.5)
+    assert profile.blocks[1].student_s[1] == pytest.approx(8.5)  # steps 6..10 of block 1
+    assert paths[:10] == [0] * 5 + [1] * 5
