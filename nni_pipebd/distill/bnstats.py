@@ -10,6 +10,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["BatchNormRecorder"]
 
+_HEAD = 3  # per path and layer: calls, channels used, num_batches_tracked advanced; then means and variances
+
 
 class BatchNormRecorder:
     """What the sampled paths of one step fold into the running statistics of ``module``'s BatchNorm layers.
@@ -23,10 +25,13 @@ class BatchNormRecorder:
     :meth:`replay` applies them in path order: the buffers then equal the single process's up to float rounding.
 
     Layout of :attr:`slots` (one flat tensor, so it can ride in a gradient all-reduce): per path ``j`` and
-    layer ``l`` (of ``module.modules()`` order), ``1 + 2 * num_features`` values: the number of calls ``c`` of
-    the layer in that path, then the accumulated mean and variance. One call (the usual case) stores the
-    statistics themselves; a layer called ``c > 1`` times in one path stores ``sum_i (1 - m)^(c - i) s_i``
-    (momentum ``m``) or ``sum_i s_i`` (``momentum=None``, the cumulative average), replayed in closed form.
+    layer ``l`` (of ``module.modules()`` order), ``3 + 2 * num_features`` values: the number of calls ``c`` of
+    the layer in that path, the channels the path used (a searched width: NNI's sampled ``MutableBatchNorm2d``
+    normalises a prefix of its channels and updates that prefix of its buffers), how much the calls advanced
+    ``num_batches_tracked`` (PyTorch's layers count every call, NNI's sampled ones none), then the accumulated
+    mean and variance. One call (the usual case) stores the statistics themselves; a layer called ``c > 1`` times
+    in one path stores ``sum_i (1 - m)^(c - i) s_i`` (momentum ``m``) or ``sum_i s_i`` (``momentum=None``, the
+    cumulative average), replayed in closed form.
 
     Parameters
     ----------
@@ -39,7 +44,7 @@ class BatchNormRecorder:
     def __init__(self, module: nn.Module, paths: int):
         self.layers: List[_BatchNorm] = [m for m in module.modules() if isinstance(m, _BatchNorm)]
         self.paths = paths
-        widths = [1 + 2 * layer.num_features for layer in self.layers]
+        widths = [_HEAD + 2 * layer.num_features for layer in self.layers]
         self.offsets: List[int] = []
         position = 0
         for width in widths:
@@ -51,6 +56,7 @@ class BatchNormRecorder:
         self._calls: set = set()
         self._saved: List[List[Optional[torch.Tensor]]] = []
         self._handles: list = []
+        self._tracked: dict = {}  # layer -> num_batches_tracked before its running call
 
     @property
     def size(self) -> int:
@@ -64,7 +70,9 @@ class BatchNormRecorder:
         self._saved = [[None if b is None else b.detach().clone()
                         for b in (layer.running_mean, layer.running_var, layer.num_batches_tracked)]
                        for layer in self.layers]
-        self._handles = [layer.register_forward_pre_hook(self._hook(n)) for n, layer in enumerate(self.layers)]
+        self._handles = [hook for n, layer in enumerate(self.layers)
+                         for hook in (layer.register_forward_pre_hook(self._hook(n)),
+                                      layer.register_forward_hook(self._counted(n)))]
 
     def path(self, j: int) -> None:
         """The forwards from now on run path ``j`` (0..paths-1) of the step."""
@@ -92,21 +100,37 @@ class BatchNormRecorder:
             if not (layer.training and layer.track_running_stats and layer.running_mean is not None):
                 return
             x = inputs[0].detach()
+            used, c = x.shape[1], layer.num_features
+            base = self._path * self.per_path + self.offsets[n]
+            slot = self.slots[base:base + _HEAD + 2 * c]
+            if used > c or ((self._path, n) in self._calls and int(slot[1]) != used):
+                raise ValueError(f"BatchNorm layer {n} of {c} channels got {used} in path {self._path} (after "
+                                 f"{int(slot[1])} in the same path): its statistics cannot be replayed; "
+                                 "split this block's batch instead of its paths")
             with torch.no_grad():
                 x = x.to(torch.promote_types(x.dtype, torch.float32))
                 dims = [0] + list(range(2, x.dim()))
                 var, mean = torch.var_mean(x, dim=dims, correction=1)
-                base = self._path * self.per_path + self.offsets[n]
-                c = layer.num_features
-                slot = self.slots[base:base + 1 + 2 * c]
                 if layer.momentum is not None and (self._path, n) in self._calls:  # called again in this path
-                    slot[1:].mul_(1.0 - layer.momentum)
+                    slot[_HEAD:].mul_(1.0 - layer.momentum)
                 self._calls.add((self._path, n))
                 slot[0] += 1
-                slot[1:1 + c] += mean.to(slot.dtype)
-                slot[1 + c:] += var.to(slot.dtype)
+                slot[1] = used
+                slot[_HEAD:_HEAD + used] += mean.to(slot.dtype)
+                slot[_HEAD + c:_HEAD + c + used] += var.to(slot.dtype)
+            self._tracked[n] = None if layer.num_batches_tracked is None else int(layer.num_batches_tracked)
 
         return record
+
+    def _counted(self, n: int):
+        layer = self.layers[n]
+
+        def count(_module, _inputs, _output) -> None:
+            before = self._tracked.pop(n, None)
+            if before is not None:
+                self.slots[self._path * self.per_path + self.offsets[n] + 2] += int(layer.num_batches_tracked) - before
+
+        return count
 
     def replay(self, slots: torch.Tensor) -> None:
         """Apply the summed records of every path, in path order, to the buffers (as the forwards would have)."""
@@ -115,27 +139,30 @@ class BatchNormRecorder:
                              f"{self.per_path} per path); every rank of a group must record the same block")
         if not self.layers:
             return
-        counts = [self.offsets[n] + j * self.per_path for j in range(self.paths) for n in range(len(self.layers))]
-        counts = slots[torch.tensor(counts, dtype=torch.long, device=slots.device)].round().long().tolist()
+        heads = [self.offsets[n] + j * self.per_path + k for j in range(self.paths) for n in range(len(self.layers))
+                 for k in range(_HEAD)]
+        heads = slots[torch.tensor(heads, dtype=torch.long, device=slots.device)].round().long().tolist()
         with torch.no_grad():
             for j in range(self.paths):
                 for n, (layer, offset) in enumerate(zip(self.layers, self.offsets)):
                     base = j * self.per_path + offset
-                    calls = counts[j * len(self.layers) + n]
+                    k = (j * len(self.layers) + n) * _HEAD
+                    calls, used, tracked = heads[k:k + _HEAD]
                     if calls == 0:
                         continue
                     c = layer.num_features
-                    mean = slots[base + 1:base + 1 + c]
-                    var = slots[base + 1 + c:base + 1 + 2 * c]
-                    _fold(layer, calls, mean, var)
+                    mean = slots[base + _HEAD:base + _HEAD + used]
+                    var = slots[base + _HEAD + c:base + _HEAD + c + used]
+                    _fold(layer, calls, used, tracked, mean, var)
 
 
-def _fold(layer: _BatchNorm, calls: int, mean: torch.Tensor, var: torch.Tensor) -> None:
-    """``calls`` forwards' worth of statistics into ``layer``'s buffers (one call: exactly PyTorch's update)."""
+def _fold(layer: _BatchNorm, calls: int, used: int, counted: int, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """``calls`` forwards' worth of statistics into the first ``used`` channels of ``layer``'s buffers (one call:
+    exactly PyTorch's update), ``num_batches_tracked`` advanced by ``counted``."""
     tracked = layer.num_batches_tracked
     if tracked is not None:
-        tracked.add_(calls)
-    running_mean, running_var = layer.running_mean, layer.running_var
+        tracked.add_(counted)
+    running_mean, running_var = layer.running_mean[:used], layer.running_var[:used]
     mean, var = mean.to(running_mean.dtype), var.to(running_var.dtype)
     if layer.momentum is not None:
         m = layer.momentum

@@ -84,26 +84,44 @@ def test_replay_of_recorded_paths_equals_sequential_forwards(ranks):
 
 def test_replay_refuses_records_of_another_block():
     recorder = BatchNormRecorder(TinySupernet(), 2)
-    with pytest.raises(ValueError, match=r"3 recorded values, expected 90 \(2 paths x 45 per path\)"):
+    with pytest.raises(ValueError, match=r"3 recorded values, expected 110 \(2 paths x 55 per path\)"):
         recorder.replay(torch.zeros(3))
     with pytest.raises(ValueError, match="path 2 is not one of the step's 2 paths"):
         recorder.path(2)
 
 
-def _trainer(paths, optimizer="adam"):
+def nni_width_space():
+    """A user's NNI space whose BatchNorm widths are searched (``MutableBatchNorm2d``): a sampled path normalises
+    a prefix of the channels and, sampled by NNI's one-shot supernet, does not count ``num_batches_tracked``."""
+    import sys
+    from pathlib import Path
+
+    from nni_pipebd.spaces.supernet import BlockSupernet
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "custom"))
+    try:
+        from custom_space import BlockSpace
+    finally:
+        sys.path.pop(0)
+    return BlockSupernet(BlockSpace(0, 3, 4, 1, widths=(0.5, 1.0)), 0)
+
+
+def _trainer(paths, optimizer="adam", space=TinySupernet):
     torch.manual_seed(0)
     config = DistillConfig(optimizer=optimizer, lr=0.05, paths_per_step=paths, seed=5)
-    return BlockTrainer(0, TinySupernet(), config, 10)
+    return BlockTrainer(0, space(), config, 10)
 
 
-@pytest.mark.parametrize("paths, ranks", [(2, 2), (3, 2)])
-def test_shared_paths_sum_to_the_whole_step(paths, ranks):
+@pytest.mark.parametrize("paths, ranks, space", [(2, 2, TinySupernet), (3, 2, TinySupernet),
+                                                 (4, 2, nni_width_space), (3, 3, nni_width_space)])
+def test_shared_paths_sum_to_the_whole_step(paths, ranks, space):
     """Ranks sharing the paths (gradients and statistics summed by hand here) match one trainer running them all:
     the loss, every gradient (``None`` exactly where no path reached), the paths, the BatchNorm buffers."""
     torch.manual_seed(1)
     x, y = torch.randn(6, 3, 5, 5), torch.randn(6, 4, 5, 5)
-    whole = _trainer(paths)
-    shared = [_trainer(paths) for _ in range(ranks)]
+    whole = _trainer(paths, space=space)
+    shared = [_trainer(paths, space=space) for _ in range(ranks)]
+    widths = set()
     for _ in range(3):
         loss = whole.forward_backward(x, y)
         parts = [t.forward_backward(x, y, share=(q, ranks)) for q, t in enumerate(shared)]
@@ -119,6 +137,9 @@ def test_shared_paths_sum_to_the_whole_step(paths, ranks):
         for t in shared:
             t.replay_batchnorm(stats)
             _assert_buffers(_buffers(t.student), _buffers(whole.student))
+        widths.update(path.get("b0_width") for path in whole.last_paths)
         x = x + 0.5
+    if space is nni_width_space:
+        assert widths == {2, 4}  # both widths were sampled: a prefix of the buffers and all of them
     with pytest.raises(ValueError, match=r"share \(2, 2\) must be \(index, count\)"):
         shared[0].forward_backward(x, y, share=(2, 2))
