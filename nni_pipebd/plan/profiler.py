@@ -134,7 +134,7 @@ class Profile:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-METHOD = 2
+METHOD = 3
 """How :func:`profile_job` measures (part of the key: a cached profile measured otherwise is measured again)."""
 
 
@@ -149,8 +149,8 @@ def profile_key(job: Job, max_devices: int, device: torch.device) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def profile_job(job: Job, max_devices: int, device: torch.device = torch.device("cpu"), repeats: int = 16,
-                warmup: int = 1) -> Profile:
+def profile_job(job: Job, max_devices: int, device: torch.device = torch.device("cpu"), repeats: int = 4,
+                warmup: int = 1, paths: int = 16) -> Profile:
     """Measure every block at per-device batch ceil(B/g) for g = 1..max_devices (compute only, this process).
 
     Link costs (``p2p``, ``allreduce``) are left empty; the launcher measures them with real workers. A student
@@ -159,9 +159,13 @@ def profile_job(job: Job, max_devices: int, device: torch.device = torch.device(
     (``activation_in_bytes``: bf16 halves them) are those of the setting. The teacher is timed as the relay runs
     it: the whole chain, block after block, on a batch of its own per round (``teacher_s``: the median over
     ``repeats`` rounds; a block timed alone, again and again on one input, runs from warm caches and reads 10-15%
-    fast on a CPU). Each student step samples its own path (a supernet's paths differ in cost several-fold), so
-    ``student_s`` is the mean over ``repeats`` paths — the same paths at every degree.
+    fast on a CPU). Each student step samples its own path, and a supernet's paths differ in cost several-fold:
+    ``student_s[1]`` is the mean over ``paths`` paths, and ``student_s[g]`` scales it by how much faster the first
+    ``repeats`` of those same paths ran at degree ``g`` (a ratio estimator: the costs at every degree follow the
+    same paths, for ``repeats`` steps per degree instead of ``paths``).
     """
+    if paths < repeats:
+        raise ValueError(f"paths = {paths} must be >= repeats = {repeats} (the paths every degree times)")
     batch = job.config.data.batch_size
     precision, channels_last = job.config.execution.precision, job.config.execution.channels_last
     layout = memory_format(channels_last)
@@ -179,13 +183,14 @@ def profile_job(job: Job, max_devices: int, device: torch.device = torch.device(
         for g in degrees:
             rows = math.ceil(batch / g)
             xs, ys = x[:rows], y[:rows]
+            steps = warmup + (paths if g == 1 else repeats)
             trainer = BlockTrainer(index, copy.deepcopy(student).to(device, memory_format=layout), job.config.distill,
-                                   warmup + repeats, precision)
+                                   steps, precision)
             student_times = []
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
-            for round_ in range(warmup + repeats):
+            for round_ in range(steps):
                 if device.type == "cuda":  # its activations count in the block's peak memory (co-located stage)
                     with torch.no_grad(), autocast(precision, device):
                         teacher(xs)
@@ -197,7 +202,10 @@ def profile_job(job: Job, max_devices: int, device: torch.device = torch.device(
                     if g == 1:
                         grads.append(sum(p.numel() * p.element_size() for p in trainer.parameters_with_grad()))
                         bns.append(_bn_on_path(trainer.student))
-            s_s[g] = sum(student_times) / len(student_times)
+            if g == 1:
+                s_s[1], first = sum(student_times) / len(student_times), sum(student_times[:repeats])
+            else:
+                s_s[g] = s_s[1] * sum(student_times) / first if first > 0 else sum(student_times) / repeats
             if device.type == "cuda":
                 mem[g] = (torch.cuda.max_memory_allocated(device) - base) / MB + _bytes(teacher) / MB
             else:

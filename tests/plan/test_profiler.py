@@ -41,20 +41,30 @@ def test_teacher_is_timed_in_its_chain_on_a_fresh_batch_per_round(clock):
     assert [index for index, _ in seen[:2 * n]] == list(range(n)) * 2  # the whole chain, round after round
 
 
-def test_student_step_is_the_mean_over_sampled_paths(clock, monkeypatch):
+def test_student_step_is_the_mean_over_sampled_paths_scaled_per_degree(clock, monkeypatch):
+    """``student_s[1]``: the mean over ``paths`` paths; ``student_s[g]``: scaled by how the first ``repeats`` of
+    those paths ran at g (every degree's trainer samples the same paths)."""
     job = build_job(tiny_config())
-    paths = []
+    steps = []
     step = BlockTrainer.step
 
     def timed_step(self, x, target, *args, **kwargs):
         result = step(self, x, target, *args, **kwargs)
-        paths.append(self.index)
-        clock[0] += len(paths)  # the k-th step of the whole profile costs k s
+        steps.append((self.index, len(x), repr(self.sampler.state_dict())))
+        clock[0] += len(steps)  # the k-th step of the whole profile costs k s
         return result
 
     monkeypatch.setattr(BlockTrainer, "step", timed_step)
-    profile = profile_job(job, 1, repeats=4, warmup=1)
-    # block 0 at g = 1: steps 1..5, the warm-up (1 s) left out: the mean of 2, 3, 4, 5
+    profile = profile_job(job, 2, repeats=2, warmup=1, paths=4)
+    # block 0: steps 1..5 at g = 1 (the warm-up left out: 2, 3, 4, 5), then 6..8 at g = 2 (7, 8)
     assert profile.blocks[0].student_s[1] == pytest.approx(3.5)
-    assert profile.blocks[1].student_s[1] == pytest.approx(8.5)  # steps 6..10 of block 1
-    assert paths[:10] == [0] * 5 + [1] * 5
+    assert profile.blocks[0].student_s[2] == pytest.approx(3.5 * (7 + 8) / (2 + 3))
+    # block 1: steps 9..13 at g = 1, 14..16 at g = 2
+    assert profile.blocks[1].student_s[1] == pytest.approx(11.5)
+    assert profile.blocks[1].student_s[2] == pytest.approx(11.5 * (15 + 16) / (10 + 11))
+    rows = job.config.data.batch_size
+    assert [(i, n) for i, n, _ in steps[:8]] == [(0, rows)] * 5 + [(0, rows // 2)] * 3
+    assert [s for _, _, s in steps[5:8]] == [s for _, _, s in steps[:3]]  # the same paths at g = 2
+    assert len({s for _, _, s in steps[:5]}) == 5  # a path of its own per step
+    with pytest.raises(ValueError, match="paths = 2 must be >= repeats = 4"):
+        profile_job(job, 1, repeats=4, paths=2)
