@@ -116,6 +116,8 @@ def run_workload(name: str, workers: int, steps: int, batch: int, repeats: int, 
         "teacher_to_student_cost": sum(teacher_s) / sum(student_s),
         "block_teacher_ms": [round(1e3 * t, 2) for t in teacher_s],
         "block_student_ms": [round(1e3 * s, 2) for s in student_s],
+        "block_ms_by_devices": {str(g): [[round(1e3 * b.teacher_s[g], 2), round(1e3 * b.student_s[g], 2)]
+                                    for b in profile.blocks] for g in sorted(profile.blocks[0].student_s)},
         "plans": {key: plan.to_dict() for key, plan in plans.items()},
         "simulated": simulate(profile),
         "executors": {label: {"train_time_s": []} for label, _, extra in EXECUTORS
@@ -154,8 +156,9 @@ def run_workload(name: str, workers: int, steps: int, batch: int, repeats: int, 
             continue
         measured = result["executors"][label]["time"]["median"] / steps
         predicted = plans[key].predicted["step_s"]
+        errors = [(predicted - t / steps) / (t / steps) for t in result["executors"][label]["train_time_s"]]
         result["prediction"][label] = {"predicted_step_s": predicted, "measured_step_s": measured,
-                                       "error": (predicted - measured) / measured}
+                                       "error": (predicted - measured) / measured, "errors": spread(errors)}
     return result
 
 
@@ -218,6 +221,12 @@ def table(result: dict) -> str:
     lines += ["", "per-block ms (teacher fwd / student fwd+bwd+step, batch "
               f"{result['batch_size']}, 1 thread): " + ", ".join(
                   f"{t}/{s}" for t, s in zip(result["block_teacher_ms"], result["block_student_ms"])), ""]
+    if "block_ms_by_devices" in result:  # how each block scales: what a device count can gain at most
+        by = result["block_ms_by_devices"]
+        shown = [g for g in map(str, (1, 2, 4, 8)) if g in by]
+        lines += ["per-block ms on g devices (teacher + student, per device at ceil(B/g) rows; g = "
+                  + "/".join(shown) + "): " + ", ".join(
+                      f"b{i} " + "/".join(f"{sum(by[g][i]):.1f}" for g in shown) for i in range(len(by["1"]))), ""]
     from nni_pipebd.plan.plan import Plan
 
     for key, label in (("pipeline", "TR / TR+DPU"), ("ahd", "TR+DPU+AHD"), ("place", "TR+DPU+place")):
@@ -226,7 +235,9 @@ def table(result: dict) -> str:
         lines.append(f"- {label} plan: {describe(Plan.from_dict(result['plans'][key]))}")
     for label, p in result["prediction"].items():
         lines.append(f"- {label}: predicted step {1e3 * p['predicted_step_s']:.1f} ms, measured (median) "
-                     f"{1e3 * p['measured_step_s']:.1f} ms (error {100 * p['error']:+.0f}%)")
+                     f"{1e3 * p['measured_step_s']:.1f} ms (error {100 * p['error']:+.0f}%"
+                     + (f"; per repeat {100 * p['errors']['min']:+.0f}% to {100 * p['errors']['max']:+.0f}%"
+                        if "errors" in p else "") + ")")
     lines += ["", "| simulated W | plan | step ms | speedup vs dp | efficiency vs ideal | peak MB (dp MB) | plan |",
               "|---|---|---|---|---|---|---|"]
     for w, entry in result["simulated"].items():
