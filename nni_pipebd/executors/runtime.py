@@ -35,8 +35,9 @@ def run_plan(ctx: WorkerContext, job: Job, plan: Plan, save_block, label: Option
     paths' BatchNorm statistics, replayed in path order), waits at a barrier when ``execution.decoupled`` is off,
     and steps. A single-rank student fed from a later link of the chain (``RankRoutes.late``) trains one step late,
     on the previous step's feed, so that no step waits for the links after its own; it catches up at every epoch
-    end, checkpoint and last step (the same batches in the same order: the same weights). The phase's leader decides a stop and the decision travels with the step's messages, so every rank
-    of a phase ends after the same step. A finished block is saved by the first rank of its placement.
+    end, checkpoint and last step (the same batches in the same order: the same weights). The phase's leader
+    decides a stop and the decision travels with the step's messages, so every rank of a phase ends after the same
+    step. A finished block is saved by the first rank of its placement.
 
     ``keys``: the checkpoint name of every rank (default ``rank<r>``); a plan whose phases do not all span every
     rank (``ls``) writes no resumable checkpoints.

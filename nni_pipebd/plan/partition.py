@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 __all__ = ["balanced_boundaries", "check_boundaries", "stage_blocks", "greedy_assignment"]
 
