@@ -5,7 +5,6 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from conftest import assert_same_blocks

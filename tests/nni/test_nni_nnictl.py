@@ -19,7 +19,6 @@ from nni_helpers import FINETUNE, RANKING, assert_released, final_metric, free_p
 from nni_pipebd.nni import BlockwiseTuner, meta_path
 from nni_pipebd.nni.compat import require_nnictl
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 NNICTL = [sys.executable, "-c", "from nni.tools.nnictl.nnictl import parse_args; parse_args()"]
 
 
