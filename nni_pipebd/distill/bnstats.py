@@ -103,15 +103,17 @@ class BatchNormRecorder:
             used, c = x.shape[1], layer.num_features
             base = self._path * self.per_path + self.offsets[n]
             slot = self.slots[base:base + _HEAD + 2 * c]
-            if used > c or ((self._path, n) in self._calls and int(slot[1]) != used):
-                raise ValueError(f"BatchNorm layer {n} of {c} channels got {used} in path {self._path} (after "
-                                 f"{int(slot[1])} in the same path): its statistics cannot be replayed; "
-                                 "split this block's batch instead of its paths")
+            again = (self._path, n) in self._calls
+            if used > c or (again and int(slot[1]) != used):
+                earlier = f", after {int(slot[1])} earlier in the same path" if again else ""
+                raise ValueError(f"BatchNorm layer {n} of {c} channels got {used} channels in path "
+                                 f"{self._path}{earlier}: its statistics cannot be replayed; split this block's "
+                                 "batch instead of its paths")
             with torch.no_grad():
                 x = x.to(torch.promote_types(x.dtype, torch.float32))
                 dims = [0] + list(range(2, x.dim()))
                 var, mean = torch.var_mean(x, dim=dims, correction=1)
-                if layer.momentum is not None and (self._path, n) in self._calls:  # called again in this path
+                if layer.momentum is not None and again:  # called again in this path
                     slot[_HEAD:].mul_(1.0 - layer.momentum)
                 self._calls.add((self._path, n))
                 slot[0] += 1

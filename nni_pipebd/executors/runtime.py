@@ -404,7 +404,7 @@ class _Links:
         self.flag_in = (FlagReceiver(routes.flag_from, steps, depth, timeout, device, group)
                         if routes.flag_from is not None else None)
         self.flag_out = FlagSender(routes.flag_to, depth, timeout, device, group) if routes.flag_to else None
-        self.late = list(routes.late)
+        self.late = routes.late
         self.pending: set = set()  # late blocks whose previous step's feed is still to be trained on
 
     def exchange_flag(self, last: bool) -> bool:

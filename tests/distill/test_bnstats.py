@@ -143,3 +143,12 @@ def test_shared_paths_sum_to_the_whole_step(paths, ranks, space):
         assert widths == {2, 4}  # both widths were sampled: a prefix of the buffers and all of them
     with pytest.raises(ValueError, match=r"share \(2, 2\) must be \(index, count\)"):
         shared[0].forward_backward(x, y, share=(2, 2))
+
+
+def test_recording_refuses_more_channels_than_the_layer_has():
+    recorder = BatchNormRecorder(nn.Sequential(nn.BatchNorm2d(4)), 1)
+    recorder.start(torch.device("cpu"))
+    with pytest.raises(ValueError, match="BatchNorm layer 0 of 4 channels got 6 channels in path 0: its statistics "
+                                         "cannot be replayed; split this block's batch instead of its paths"):
+        recorder.layers[0](torch.randn(2, 6, 3, 3))
+    recorder.finish()
