@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,7 @@ from ..config import Config
 from ..job import build_job
 from ..plan.placement import place
 from ..plan.plan import Plan
-from ..plan.profiler import LinkModel, Profile, load_or_none, profile_job, profile_key
+from ..plan.profiler import LinkModel, Profile, load_or_none, mean_profile, profile_job, profile_key
 from ..plan.solver import solve
 from .processes import join_group, resolve_device, run_processes
 
@@ -38,7 +38,14 @@ def cache_path(key: str) -> Path:
 
 def get_profile(config: Config, workers: int, path: Union[str, Path, None] = None) -> Profile:
     """The job's profile for up to ``workers`` devices per stage: reused from ``path`` (or the cache) when its key
-    matches, else measured (each block at every per-device batch; links with ``min(workers, cores)`` workers)."""
+    matches, else measured: each block at every per-device batch, and the links, by ``min(workers, cores)`` worker
+    processes (at least 2).
+
+    On CPU the workers profile the blocks side by side, as many as will train at once on this machine's cores, and
+    the profile takes the mean of their times: the workers of a run share the memory bandwidth and caches, and a
+    block timed on an otherwise idle machine reads 20-30% fast. On CUDA each device is its own, and the blocks are
+    profiled here, on this process's device.
+    """
     threads = config.execution.threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)  # measure as a worker will run
@@ -52,12 +59,16 @@ def get_profile(config: Config, workers: int, path: Union[str, Path, None] = Non
             _logger.info("reusing the profile in %s", path)
             profile.paths_per_step = config.distill.paths_per_step  # in its key; absent from older profiles
             return profile
-        _logger.info("profiling %d blocks at 1..%d devices per stage", job.num_blocks, workers)
-        profile = profile_job(job, workers, device)
+        side_by_side = device.type == "cpu" and workers > 1
+        _logger.info("profiling %d blocks at 1..%d devices per stage%s", job.num_blocks, workers,
+                     f" in {_worker_count(config, workers)} workers side by side" if side_by_side else "")
+        profile = None if side_by_side else profile_job(job, workers, device)
     finally:
         torch.set_num_threads(previous)
     if workers > 1:
-        profile.p2p, profile.allreduce = measure_links(config, workers)
+        profiles, (p2p, allreduce) = _measure(config, workers, threads if side_by_side else None)
+        profile = mean_profile(profiles) if side_by_side else profile
+        profile.p2p, profile.allreduce = p2p, allreduce
     profile.save(path)
     _logger.info("profile saved to %s", path)
     return profile
@@ -76,19 +87,30 @@ def auto_plan(config: Config, workers: int, profile_path: Union[str, Path, None]
 
 def measure_links(config: Config, workers: int) -> Tuple[LinkModel, Dict[int, LinkModel]]:
     """Fit point-to-point and all-reduce (per group size) time models with real worker processes."""
+    return _measure(config, workers, None)[1]
+
+
+def _worker_count(config: Config, workers: int) -> int:
     device = resolve_device(config)
     count = min(workers, torch.cuda.device_count() if device.type == "cuda" else (os.cpu_count() or 1))
-    count = max(count, 2)
-    folder = tempfile.mkdtemp(prefix="nni_pipebd_links_")
+    return max(count, 2)
+
+
+def _measure(config: Config, workers: int, threads: Optional[int]
+             ) -> Tuple[List[Profile], Tuple[LinkModel, Dict[int, LinkModel]]]:
+    """Run the workers: each profiles the job side by side with the others when ``threads`` is given (with that
+    many threads), then all measure the links. Returns the workers' profiles and the fitted link models."""
+    count = _worker_count(config, workers)
+    folder = tempfile.mkdtemp(prefix="nni_pipebd_profile_")
     try:
-        run_processes(_link_worker, count, (folder, device.type, config.execution.backend, config.execution.timeout_s),
-                      folder)
+        run_processes(_worker, count, (folder, config, workers, threads), folder)
         raw = json.loads((Path(folder) / "links.json").read_text())
+        profiles = [Profile.load(Path(folder) / f"profile{rank}.json") for rank in range(count)] if threads else []
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     p2p = _fit(raw["p2p"])
     allreduce = {int(g): _fit(points) for g, points in raw["allreduce"].items()}
-    return p2p, allreduce
+    return profiles, (p2p, allreduce)
 
 
 def _fit(points: List[Tuple[int, float]]) -> LinkModel:
@@ -114,14 +136,18 @@ def _median_time(fn, device: str, repeats: int = 7) -> float:
     return sorted(times[1:])[repeats // 2]
 
 
-def _link_worker(rank: int, world: int, folder: str, device_type: str, backend: str, timeout_s: float) -> None:
-    torch.set_num_threads(1)
-    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
-    if device_type == "cuda":
-        torch.cuda.set_device(device)
-    join_group(rank, world, device, backend, f"file://{os.path.join(folder, 'store')}",
-               datetime.timedelta(seconds=timeout_s))
+def _worker(rank: int, world: int, folder: str, config: Config, workers: int, threads: Optional[int]) -> None:
+    """One measuring process: the job's profile (when ``threads`` is given), side by side with the others, then the
+    links."""
+    torch.set_num_threads(threads or 1)
+    device = resolve_device(config, rank)
+    device_type = device.type
+    join_group(rank, world, device, config.execution.backend, f"file://{os.path.join(folder, 'store')}",
+               datetime.timedelta(seconds=config.execution.timeout_s))
     try:
+        if threads:
+            profile_job(build_job(config), workers, device, sync=dist.barrier).save(
+                Path(folder) / f"profile{rank}.json")
         groups = {g: dist.new_group(list(range(g))) for g in range(2, world + 1)}
         results = {"p2p": [], "allreduce": {}}
         for size in SIZES:

@@ -9,7 +9,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from ..distill.trainer import BlockTrainer
 from ..job import Job
 from ..precision import autocast, formatted, memory_format
 
-__all__ = ["BlockProfile", "LinkModel", "Profile", "profile_job", "profile_key"]
+__all__ = ["BlockProfile", "LinkModel", "Profile", "profile_job", "profile_key", "mean_profile"]
 
 MB = 1024.0 * 1024.0
 
@@ -134,7 +134,7 @@ class Profile:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-METHOD = 3
+METHOD = 4
 """How :func:`profile_job` measures (part of the key: a cached profile measured otherwise is measured again)."""
 
 
@@ -150,7 +150,7 @@ def profile_key(job: Job, max_devices: int, device: torch.device) -> str:
 
 
 def profile_job(job: Job, max_devices: int, device: torch.device = torch.device("cpu"), repeats: int = 4,
-                warmup: int = 1, paths: int = 16) -> Profile:
+                warmup: int = 1, paths: int = 16, sync: Optional[Callable[[], None]] = None) -> Profile:
     """Measure every block at per-device batch ceil(B/g) for g = 1..max_devices (compute only, this process).
 
     Link costs (``p2p``, ``allreduce``) are left empty; the launcher measures them with real workers. A student
@@ -163,6 +163,10 @@ def profile_job(job: Job, max_devices: int, device: torch.device = torch.device(
     ``student_s[1]`` is the mean over ``paths`` paths, and ``student_s[g]`` scales it by how much faster the first
     ``repeats`` of those same paths ran at degree ``g`` (a ratio estimator: the costs at every degree follow the
     same paths, for ``repeats`` steps per degree instead of ``paths``).
+
+    ``sync``, when given, is called before every timed loop (each degree of the chain, each block at each degree):
+    processes profiling the same job side by side (see :func:`mean_profile`) stay in step, so that each one's
+    loop runs while the others run theirs, under the load of a full machine.
     """
     if paths < repeats:
         raise ValueError(f"paths = {paths} must be >= repeats = {repeats} (the paths every degree times)")
@@ -171,7 +175,8 @@ def profile_job(job: Job, max_devices: int, device: torch.device = torch.device(
     layout = memory_format(channels_last)
     degrees = [g for g in range(1, max_devices + 1) if g <= batch]
     teachers = [teacher.to(device, memory_format=layout) for teacher in job.spec.teacher]
-    chain = _chain_times(job, teachers, degrees, warmup + repeats, warmup, device)
+    sync = sync or (lambda: None)
+    chain = _chain_times(job, teachers, degrees, warmup + repeats, warmup, device, sync)
     images = torch.stack([job.dataset[i % len(job.dataset)][0] for i in range(batch)]).to(device)
     blocks: List[BlockProfile] = []
     x = formatted(images, channels_last)
@@ -187,6 +192,7 @@ def profile_job(job: Job, max_devices: int, device: torch.device = torch.device(
             trainer = BlockTrainer(index, copy.deepcopy(student).to(device, memory_format=layout), job.config.distill,
                                    steps, precision)
             student_times = []
+            sync()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
@@ -220,7 +226,7 @@ def profile_job(job: Job, max_devices: int, device: torch.device = torch.device(
 
 
 def _chain_times(job: Job, teachers: List[nn.Module], degrees: List[int], rounds: int, warmup: int,
-                 device: torch.device) -> List[Dict[int, float]]:
+                 device: torch.device, sync: Callable[[], None]) -> List[Dict[int, float]]:
     """Per teacher block and degree g, the median seconds of its forward on ceil(B/g) rows, timed inside the whole
     chain on a fresh batch per round (as a relay runs it)."""
     config = job.config
@@ -229,6 +235,7 @@ def _chain_times(job: Job, teachers: List[nn.Module], degrees: List[int], rounds
     times: List[Dict[int, List[float]]] = [{g: [] for g in degrees} for _ in teachers]
     for g in degrees:
         rows = math.ceil(batch / g)
+        sync()
         for round_ in range(rounds):
             x = torch.stack([job.dataset[(round_ * batch + i) % size][0] for i in range(rows)]).to(device)
             x = formatted(x, channels_last)
@@ -239,6 +246,25 @@ def _chain_times(job: Job, teachers: List[nn.Module], degrees: List[int], rounds
                     if round_ >= warmup:
                         times[index][g].append(_now(device) - start)
     return [{g: sorted(values)[len(values) // 2] for g, values in block.items()} for block in times]
+
+
+def mean_profile(profiles: Sequence[Profile]) -> Profile:
+    """One profile from several measured side by side (one per process): every time is the mean of theirs, the
+    rest (memory, bytes, key) the first one's.
+
+    Raises ``ValueError`` when the profiles are of different jobs (their keys differ) or none is given.
+    """
+    if not profiles:
+        raise ValueError("mean_profile needs at least one profile")
+    keys = sorted({p.key for p in profiles})
+    if len(keys) > 1:
+        raise ValueError(f"profiles of different jobs cannot be averaged: keys {keys}; profile one job per call")
+    mean = copy.deepcopy(profiles[0])
+    for index, block in enumerate(mean.blocks):
+        for name in ("teacher_s", "student_s"):
+            times = [getattr(p.blocks[index], name) for p in profiles]
+            setattr(block, name, {g: sum(t[g] for t in times) / len(times) for g in times[0]})
+    return mean
 
 
 def _bn_on_path(student: nn.Module) -> int:

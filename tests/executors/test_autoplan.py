@@ -1,6 +1,7 @@
 """--plan auto: profile, solve, run hybrid stages; the result still matches the reference."""
 
 import json
+import logging
 
 import pytest
 
@@ -19,9 +20,11 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("NNI_PIPEBD_CACHE", str(tmp_path / "cache"))
 
 
-def test_profile_is_measured_once_then_reused(tmp_path):
+def test_profile_is_measured_once_then_reused(tmp_path, caplog):
     config = tiny_config(tmp_path, distill={"paths_per_step": 2})
-    profile = get_profile(config, 2)
+    with caplog.at_level(logging.INFO, logger="nni_pipebd.executors.autoplan"):
+        profile = get_profile(config, 2)
+    assert "in 2 workers side by side" in caplog.text  # on CPU: under the load of the run's workers
     assert len(profile.blocks) == 5 and set(profile.blocks[0].teacher_s) == {1, 2}
     assert profile.paths_per_step == 2  # the student times are of 2-path steps; a path split needs every weight
     assert all(b.param_bytes >= b.grad_bytes > 0 for b in profile.blocks)

@@ -68,3 +68,44 @@ def test_student_step_is_the_mean_over_sampled_paths_scaled_per_degree(clock, mo
     assert len({s for _, _, s in steps[:5]}) == 5  # a path of its own per step
     with pytest.raises(ValueError, match="paths = 2 must be >= repeats = 4"):
         profile_job(job, 1, repeats=4, paths=2)
+
+
+def test_sync_comes_before_every_timed_loop(clock, monkeypatch):
+    """Processes profiling side by side meet before each degree of the chain and each block at each degree: every
+    loop each of them times runs while the others run the same loop."""
+    job = build_job(tiny_config())
+    events = []
+    step = BlockTrainer.step
+    for block in job.spec.teacher:
+        block.register_forward_hook(lambda *_: events.append("teacher"))
+    monkeypatch.setattr(BlockTrainer, "step",
+                        lambda self, *a, **k: (events.append(f"student{self.index}"), step(self, *a, **k))[1])
+    profile_job(job, 2, repeats=2, warmup=1, paths=3, sync=lambda: events.append("sync"))
+    loops = [events[i + 1] for i, e in enumerate(events) if e == "sync"]
+    n = len(job.spec.teacher)
+    assert loops[:2] == ["teacher", "teacher"]  # the chain at g = 1, then at g = 2
+    assert loops[2:] == [f"student{i}" for i in range(n) for _ in (1, 2)]  # each block at g = 1, then g = 2
+    chain = events[:events.index("sync", 1)]  # g = 1's chain: warm-up + repeats rounds, no sync inside
+    assert chain == ["sync"] + ["teacher"] * n * 3
+
+
+def test_mean_profile_averages_the_times_of_one_job():
+    job = build_job(tiny_config())
+    first = profile_job(job, 2, repeats=2, warmup=0, paths=2)
+    second = profiler.Profile.from_dict(first.to_dict())
+    for block in second.blocks:
+        block.teacher_s = {g: 3 * t for g, t in block.teacher_s.items()}
+        block.student_s = {g: t + 1.0 for g, t in block.student_s.items()}
+        block.memory_mb = {g: 2 * m for g, m in block.memory_mb.items()}
+    before = first.to_dict()
+    mean = profiler.mean_profile([first, second])
+    for a, m in zip(first.blocks, mean.blocks):
+        assert m.teacher_s == pytest.approx({g: 2 * t for g, t in a.teacher_s.items()})
+        assert m.student_s == pytest.approx({g: t + 0.5 for g, t in a.student_s.items()})
+        assert m.memory_mb == a.memory_mb  # not a time: the first profile's
+    assert first.to_dict() == before  # the inputs are left alone
+    second.key = "another"
+    with pytest.raises(ValueError, match="different jobs"):
+        profiler.mean_profile([first, second])
+    with pytest.raises(ValueError, match="at least one"):
+        profiler.mean_profile([])
