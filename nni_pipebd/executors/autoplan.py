@@ -10,10 +10,11 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..config import Config
 from ..job import build_job
@@ -22,6 +23,7 @@ from ..plan.plan import Plan
 from ..plan.profiler import LinkModel, Profile, load_or_none, mean_profile, profile_job, profile_key
 from ..plan.solver import solve
 from .processes import join_group, resolve_device, run_processes
+from .syncbn import convert_sync_batchnorm
 
 __all__ = ["cache_path", "get_profile", "auto_plan", "measure_links"]
 
@@ -62,7 +64,8 @@ def get_profile(config: Config, workers: int, path: Union[str, Path, None] = Non
         side_by_side = device.type == "cpu" and workers > 1
         _logger.info("profiling %d blocks at 1..%d devices per stage%s", job.num_blocks, workers,
                      f" in {_worker_count(config, workers)} workers side by side" if side_by_side else "")
-        profile = None if side_by_side else profile_job(job, workers, device)
+        profile = None if side_by_side else profile_job(job, workers, device,
+                                                        split_student=_split_student(config, device, None))
     finally:
         torch.set_num_threads(previous)
     if workers > 1:
@@ -86,7 +89,11 @@ def auto_plan(config: Config, workers: int, profile_path: Union[str, Path, None]
 
 
 def measure_links(config: Config, workers: int) -> Tuple[LinkModel, Dict[int, LinkModel]]:
-    """Fit point-to-point and all-reduce (per group size) time models with real worker processes."""
+    """Fit point-to-point and all-reduce (per group size) time models with real worker processes.
+
+    An all-reduce's latency is what a small one adds between two convolutions (as a synchronised BatchNorm's do
+    in a running step), at least its time back to back; on two busy CPU cores with gloo that is about twice the
+    back-to-back figure."""
     return _measure(config, workers, None)[1]
 
 
@@ -109,21 +116,22 @@ def _measure(config: Config, workers: int, threads: Optional[int]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     p2p = _fit(raw["p2p"])
-    allreduce = {int(g): _fit(points) for g, points in raw["allreduce"].items()}
+    allreduce = {int(g): _fit(points, max(raw["allreduce_latency"][g], min(points)[1]))
+                 for g, points in raw["allreduce"].items()}
     return profiles, (p2p, allreduce)
 
 
-def _fit(points: List[Tuple[int, float]]) -> LinkModel:
-    """Least squares ``t = a + b n`` with a, b >= 0."""
-    n = len(points)
-    mx = sum(p[0] for p in points) / n
-    my = sum(p[1] for p in points) / n
-    var = sum((p[0] - mx) ** 2 for p in points)
-    slope = max(0.0, sum((p[0] - mx) * (p[1] - my) for p in points) / var) if var else 0.0
-    return LinkModel(max(0.0, my - slope * mx), slope)
+def _fit(points: List[Tuple[int, float]], latency_s: Optional[float] = None) -> LinkModel:
+    """``t = a + b n`` through the measured ``(bytes, seconds)`` points: ``a`` is ``latency_s`` when given, else the
+    smallest message's time (a least-squares intercept, pulled by the noise of the largest, can be off several-fold
+    here); ``b`` the slope from the smallest to the largest message (both >= 0)."""
+    points = sorted(points)
+    (n0, t0), (n1, t1) = points[0], points[-1]
+    slope = max(0.0, (t1 - t0) / (n1 - n0)) if n1 > n0 else 0.0
+    return LinkModel(max(0.0, t0 if latency_s is None else latency_s), slope)
 
 
-def _median_time(fn, device: str, repeats: int = 7) -> float:
+def _median_time(fn, device: str, repeats: int = 15) -> float:
     times = []
     for _ in range(repeats + 1):
         if device == "cuda":
@@ -136,6 +144,33 @@ def _median_time(fn, device: str, repeats: int = 7) -> float:
     return sorted(times[1:])[repeats // 2]
 
 
+def _between_computes(allreduce, device: torch.device, calls: int = 8) -> float:
+    """Seconds one small all-reduce adds between two pieces of compute, as a synchronised BatchNorm's do in a
+    running step (the ranks arrive apart and the collective's threads wake on busy cores): ``calls`` convolutions
+    with an all-reduce after each, less the convolutions alone, per all-reduce."""
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1).to(device)
+    x = torch.randn(8, 32, 16, 16, device=device)
+
+    def computes(with_allreduce: bool):
+        def run():
+            with torch.no_grad():
+                for _ in range(calls):
+                    conv(x)
+                    if with_allreduce:
+                        allreduce()
+        return run
+
+    alone = _median_time(computes(False), device.type)
+    return max(0.0, (_median_time(computes(True), device.type) - alone) / calls)
+
+
+def _split_student(config: Config, device: torch.device, group) -> Optional[Callable[[nn.Module], nn.Module]]:
+    """How the runtime prepares a student whose batch is split (BatchNorm over ``group`` with ``sync_bn``)."""
+    if not config.execution.sync_bn:
+        return None
+    return lambda student: convert_sync_batchnorm(student, group, device.type)
+
+
 def _worker(rank: int, world: int, folder: str, config: Config, workers: int, threads: Optional[int]) -> None:
     """One measuring process: the job's profile (when ``threads`` is given), side by side with the others, then the
     links."""
@@ -145,11 +180,12 @@ def _worker(rank: int, world: int, folder: str, config: Config, workers: int, th
     join_group(rank, world, device, config.execution.backend, f"file://{os.path.join(folder, 'store')}",
                datetime.timedelta(seconds=config.execution.timeout_s))
     try:
-        if threads:
-            profile_job(build_job(config), workers, device, sync=dist.barrier).save(
-                Path(folder) / f"profile{rank}.json")
+        if threads:  # a group of its own: a split student's BatchNorm computes as in a run, sending nothing
+            alone = [dist.new_group([r]) for r in range(world)][rank]
+            profile_job(build_job(config), workers, device, sync=dist.barrier,
+                        split_student=_split_student(config, device, alone)).save(Path(folder) / f"profile{rank}.json")
         groups = {g: dist.new_group(list(range(g))) for g in range(2, world + 1)}
-        results = {"p2p": [], "allreduce": {}}
+        results = {"p2p": [], "allreduce": {}, "allreduce_latency": {}}
         for size in SIZES:
             buffer = torch.zeros(size // 4, device=device)
 
@@ -171,6 +207,11 @@ def _worker(rank: int, world: int, folder: str, config: Config, workers: int, th
                 if rank < g:
                     points.append((size, _median_time(lambda: dist.all_reduce(buffer, group=group), device_type)))
                 dist.barrier()
+            small = torch.zeros(SIZES[0] // 4, device=device)
+            if rank < g:
+                results["allreduce_latency"][g] = _between_computes(lambda: dist.all_reduce(small, group=group),
+                                                                    device)
+            dist.barrier()
             results["allreduce"][g] = points
         if rank == 0:
             (Path(folder) / "links.json").write_text(json.dumps(results))

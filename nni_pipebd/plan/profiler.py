@@ -134,7 +134,7 @@ class Profile:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-METHOD = 4
+METHOD = 5
 """How :func:`profile_job` measures (part of the key: a cached profile measured otherwise is measured again)."""
 
 
@@ -145,12 +145,14 @@ def profile_key(job: Job, max_devices: int, device: torch.device) -> str:
             "image": [config.data.image_size, config.data.channels], "batch_size": config.data.batch_size,
             "optimizer": config.distill.optimizer, "paths_per_step": config.distill.paths_per_step,
             "device": device.type, "max_devices": max_devices, "threads": torch.get_num_threads(),
-            "precision": config.execution.precision, "channels_last": config.execution.channels_last}
+            "precision": config.execution.precision, "channels_last": config.execution.channels_last,
+            "sync_bn": config.execution.sync_bn}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def profile_job(job: Job, max_devices: int, device: torch.device = torch.device("cpu"), repeats: int = 4,
-                warmup: int = 1, paths: int = 16, sync: Optional[Callable[[], None]] = None) -> Profile:
+                warmup: int = 1, paths: int = 16, sync: Optional[Callable[[], None]] = None,
+                split_student: Optional[Callable[[nn.Module], nn.Module]] = None) -> Profile:
     """Measure every block at per-device batch ceil(B/g) for g = 1..max_devices (compute only, this process).
 
     Link costs (``p2p``, ``allreduce``) are left empty; the launcher measures them with real workers. A student
@@ -158,15 +160,21 @@ def profile_job(job: Job, max_devices: int, device: torch.device = torch.device(
     ``execution.precision``'s autocast and in its memory format, so times, memory and the bytes a relay carries
     (``activation_in_bytes``: bf16 halves them) are those of the setting. The teacher is timed as the relay runs
     it: the whole chain, block after block, on a batch of its own per round (``teacher_s``: the median over
-    ``repeats`` rounds; a block timed alone, again and again on one input, runs from warm caches and reads 10-15%
+    ``paths`` rounds; a block timed alone, again and again on one input, runs from warm caches and reads 10-15%
     fast on a CPU). Each student step samples its own path, and a supernet's paths differ in cost several-fold:
     ``student_s[1]`` is the mean over ``paths`` paths, and ``student_s[g]`` scales it by how much faster the first
     ``repeats`` of those same paths ran at degree ``g`` (a ratio estimator: the costs at every degree follow the
     same paths, for ``repeats`` steps per degree instead of ``paths``).
 
-    ``sync``, when given, is called before every timed loop (each degree of the chain, each block at each degree):
-    processes profiling the same job side by side (see :func:`mean_profile`) stay in step, so that each one's
-    loop runs while the others run theirs, under the load of a full machine.
+    The degrees are interleaved round by round (a chain at every degree, then the next round; a block's step at
+    every degree on one path, then the next path), so that a slow moment of a shared machine weighs on every
+    degree alike and the ratios between degrees, which decide how many devices a block gets, stay true. ``sync``,
+    when given, is called before every timed loop (the chain, each block's steps): processes profiling the same job
+    side by side (see :func:`mean_profile`) stay in step, each one's loop running under the load of the others.
+    ``split_student``, when given, is how the runtime prepares a student whose batch is split over devices (with
+    ``execution.sync_bn``, its BatchNorm layers become group BatchNorm, which on a CPU computes several times
+    slower than the native layer): the steps at g >= 2 run on the student it returns, here without communication
+    (the all-reduces are the link model's).
     """
     if paths < repeats:
         raise ValueError(f"paths = {paths} must be >= repeats = {repeats} (the paths every degree times)")
@@ -176,46 +184,47 @@ def profile_job(job: Job, max_devices: int, device: torch.device = torch.device(
     degrees = [g for g in range(1, max_devices + 1) if g <= batch]
     teachers = [teacher.to(device, memory_format=layout) for teacher in job.spec.teacher]
     sync = sync or (lambda: None)
-    chain = _chain_times(job, teachers, degrees, warmup + repeats, warmup, device, sync)
+    chain = _chain_times(job, teachers, degrees, warmup + paths, warmup, device, sync)
     images = torch.stack([job.dataset[i % len(job.dataset)][0] for i in range(batch)]).to(device)
     blocks: List[BlockProfile] = []
     x = formatted(images, channels_last)
     slots = 2 if job.config.distill.optimizer == "adam" else (1 if job.config.distill.momentum else 0)
+
+    def trainer(index: int, student: nn.Module, g: int, steps: int) -> BlockTrainer:
+        student = copy.deepcopy(student).to(device, memory_format=layout)
+        if g > 1 and split_student is not None:
+            student = split_student(student)
+        return BlockTrainer(index, student, job.config.distill, steps, precision)
+
     for index, (teacher, student) in enumerate(zip(teachers, job.spec.student)):
         with torch.no_grad(), autocast(precision, device):
             y = formatted(teacher(x), channels_last)
-        s_s, mem, grads, bns = {}, {}, [], []
-        for g in degrees:
-            rows = math.ceil(batch / g)
-            xs, ys = x[:rows], y[:rows]
-            steps = warmup + (paths if g == 1 else repeats)
-            trainer = BlockTrainer(index, copy.deepcopy(student).to(device, memory_format=layout), job.config.distill,
-                                   steps, precision)
-            student_times = []
-            sync()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-            for round_ in range(steps):
-                if device.type == "cuda":  # its activations count in the block's peak memory (co-located stage)
-                    with torch.no_grad(), autocast(precision, device):
-                        teacher(xs)
+        rows = {g: math.ceil(batch / g) for g in degrees}
+        trainers = {g: trainer(index, student, g, warmup + (paths if g == 1 else repeats)) for g in degrees}
+        times: Dict[int, List[float]] = {g: [] for g in degrees}
+        grads, bns = [], []
+        sync()
+        for round_ in range(warmup + paths):
+            for g in degrees if round_ < warmup + repeats else degrees[:1]:
                 start = _now(device)
-                trainer.step(xs, ys)
+                trainers[g].step(x[:rows[g]], y[:rows[g]])
                 end = _now(device)
                 if round_ >= warmup:
-                    student_times.append(end - start)
+                    times[g].append(end - start)
                     if g == 1:
-                        grads.append(sum(p.numel() * p.element_size() for p in trainer.parameters_with_grad()))
-                        bns.append(_bn_on_path(trainer.student))
-            if g == 1:
-                s_s[1], first = sum(student_times) / len(student_times), sum(student_times[:repeats])
-            else:
-                s_s[g] = s_s[1] * sum(student_times) / first if first > 0 else sum(student_times) / repeats
-            if device.type == "cuda":
-                mem[g] = (torch.cuda.max_memory_allocated(device) - base) / MB + _bytes(teacher) / MB
-            else:
-                mem[g] = _cpu_memory_mb(teacher, trainer, xs, ys, slots, precision)
+                        grads.append(sum(p.numel() * p.element_size() for p in trainers[1].parameters_with_grad()))
+                        bns.append(_bn_on_path(trainers[1].student))
+        s_s = {1: sum(times[1]) / len(times[1])}
+        first = sum(times[1][:repeats])
+        for g in degrees[1:]:
+            s_s[g] = s_s[1] * sum(times[g]) / first if first > 0 else sum(times[g]) / repeats
+        if device.type == "cuda":
+            del trainers
+            mem = {g: _cuda_memory_mb(teacher, trainer(index, student, g, warmup + 1), x[:rows[g]], y[:rows[g]],
+                                      warmup + 1, precision) for g in degrees}
+        else:
+            mem = {g: _cpu_memory_mb(teacher, trainers[g], x[:rows[g]], y[:rows[g]], slots, precision)
+                   for g in degrees}
         params = sum(p.numel() * p.element_size() for p in student.parameters() if p.requires_grad)
         blocks.append(BlockProfile(chain[index], s_s, mem, int(x[0].numel() * x.element_size()),
                                    sum(grads) / len(grads), sum(bns) / len(bns), _bytes(teacher) / MB,
@@ -228,16 +237,16 @@ def profile_job(job: Job, max_devices: int, device: torch.device = torch.device(
 def _chain_times(job: Job, teachers: List[nn.Module], degrees: List[int], rounds: int, warmup: int,
                  device: torch.device, sync: Callable[[], None]) -> List[Dict[int, float]]:
     """Per teacher block and degree g, the median seconds of its forward on ceil(B/g) rows, timed inside the whole
-    chain on a fresh batch per round (as a relay runs it)."""
+    chain on a fresh batch per round (as a relay runs it), the degrees interleaved round by round."""
     config = job.config
     batch, size = config.data.batch_size, len(job.dataset)
     precision, channels_last = config.execution.precision, config.execution.channels_last
     times: List[Dict[int, List[float]]] = [{g: [] for g in degrees} for _ in teachers]
-    for g in degrees:
-        rows = math.ceil(batch / g)
-        sync()
-        for round_ in range(rounds):
-            x = torch.stack([job.dataset[(round_ * batch + i) % size][0] for i in range(rows)]).to(device)
+    sync()
+    for round_ in range(rounds):
+        for g in degrees:
+            first = (round_ * len(degrees) + g - 1) * batch
+            x = torch.stack([job.dataset[(first + i) % size][0] for i in range(math.ceil(batch / g))]).to(device)
             x = formatted(x, channels_last)
             with torch.no_grad(), autocast(precision, device):
                 for index, teacher in enumerate(teachers):
@@ -246,6 +255,22 @@ def _chain_times(job: Job, teachers: List[nn.Module], degrees: List[int], rounds
                     if round_ >= warmup:
                         times[index][g].append(_now(device) - start)
     return [{g: sorted(values)[len(values) // 2] for g, values in block.items()} for block in times]
+
+
+def _cuda_memory_mb(teacher: nn.Module, trainer: BlockTrainer, x: torch.Tensor, y: torch.Tensor, steps: int,
+                    precision: str) -> float:
+    """Peak CUDA memory of ``steps`` student steps on ``x`` beside the teacher block's forward (a co-located stage
+    holds both), plus the teacher's and the student's weights."""
+    device = x.device
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    for _ in range(steps):
+        with torch.no_grad(), autocast(precision, device):
+            teacher(x)
+        trainer.step(x, y)
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base + _bytes(teacher) + _bytes(trainer.student)) / MB
 
 
 def mean_profile(profiles: Sequence[Profile]) -> Profile:

@@ -61,3 +61,14 @@ def test_plan_cli_json_and_memory_errors(tmp_path, capsys, caplog):
     assert "smallest feasible limit is" in caplog.text
     with pytest.raises(InfeasibleMemoryError):
         auto_plan(tiny_config(tmp_path, execution={"memory_limit_mb": 0.001}), 3)
+
+
+def test_link_fit_takes_latency_from_the_smallest_message_and_slope_across():
+    from nni_pipebd.executors.autoplan import _fit
+
+    points = [(4096, 0.0010), (4 * 1024 * 1024, 0.0050), (256 * 1024, 0.0012)]  # unsorted, as a worker may list
+    model = _fit(points)
+    assert model.latency_s == 0.0010  # not the least-squares intercept (0.00097)
+    assert model.s_per_byte == pytest.approx(0.004 / (4 * 1024 * 1024 - 4096))
+    assert _fit(points, latency_s=0.003).latency_s == 0.003  # measured in a running step
+    assert _fit([(4096, 0.002), (4 * 1024 * 1024, 0.001)]).s_per_byte == 0.0  # noise: never a negative slope

@@ -20,25 +20,26 @@ def clock(monkeypatch):
 
 
 def test_teacher_is_timed_in_its_chain_on_a_fresh_batch_per_round(clock):
-    job = build_job(tiny_config())
-    seen = []  # (block, first value of its input) per teacher forward
+    job = build_job(tiny_config(data={"num_samples": 128}))
+    seen = []  # (block, rows, first value of its input) per teacher forward
 
     def forward_hook(index):
         def hook(module, inputs, output):
-            seen.append((index, float(inputs[0].flatten()[0])))
+            seen.append((index, len(inputs[0]), float(inputs[0].flatten()[0])))
             clock[0] += (index + 1) * len(inputs[0])  # block i costs (i + 1) s per row
         return hook
 
     for i, block in enumerate(job.spec.teacher):
         block.register_forward_hook(forward_hook(i))
-    profile = profile_job(job, 2, repeats=3, warmup=1)
+    profile = profile_job(job, 2, repeats=3, warmup=1, paths=4)
     batch = job.config.data.batch_size
     for i, block in enumerate(profile.blocks):
         assert block.teacher_s == {g: (i + 1) * math.ceil(batch / g) for g in (1, 2)}
-    chain = [x for x in seen if x[0] == 0][:4]  # block 0's inputs over the first degree's 4 rounds
-    assert len({value for _, value in chain}) == 4  # a batch of its own per round
     n = len(profile.blocks)
-    assert [index for index, _ in seen[:2 * n]] == list(range(n)) * 2  # the whole chain, round after round
+    chain = [x for x in seen if x[0] == 0][:10]  # block 0's inputs over the chain's 5 rounds at 2 degrees
+    assert [rows for _, rows, _ in chain] == [batch, batch // 2] * 5  # the degrees interleaved round by round
+    assert len({value for _, _, value in chain}) == 10  # a batch of its own per round and degree
+    assert [index for index, _, _ in seen[:2 * n]] == list(range(n)) * 2  # the whole chain, one after another
 
 
 def test_student_step_is_the_mean_over_sampled_paths_scaled_per_degree(clock, monkeypatch):
@@ -56,16 +57,17 @@ def test_student_step_is_the_mean_over_sampled_paths_scaled_per_degree(clock, mo
 
     monkeypatch.setattr(BlockTrainer, "step", timed_step)
     profile = profile_job(job, 2, repeats=2, warmup=1, paths=4)
-    # block 0: steps 1..5 at g = 1 (the warm-up left out: 2, 3, 4, 5), then 6..8 at g = 2 (7, 8)
-    assert profile.blocks[0].student_s[1] == pytest.approx(3.5)
-    assert profile.blocks[0].student_s[2] == pytest.approx(3.5 * (7 + 8) / (2 + 3))
-    # block 1: steps 9..13 at g = 1, 14..16 at g = 2
-    assert profile.blocks[1].student_s[1] == pytest.approx(11.5)
-    assert profile.blocks[1].student_s[2] == pytest.approx(11.5 * (15 + 16) / (10 + 11))
+    # block 0, the degrees interleaved on each of the first 1 + 2 paths: steps 1 (g = 1), 2 (g = 2) the warm-up,
+    # then 3, 4; 5, 6; then g = 1 alone: 7, 8
+    assert profile.blocks[0].student_s[1] == pytest.approx((3 + 5 + 7 + 8) / 4)
+    assert profile.blocks[0].student_s[2] == pytest.approx(5.75 * (4 + 6) / (3 + 5))
+    # block 1: steps 9..16 alike
+    assert profile.blocks[1].student_s[1] == pytest.approx((11 + 13 + 15 + 16) / 4)
+    assert profile.blocks[1].student_s[2] == pytest.approx(13.75 * (12 + 14) / (11 + 13))
     rows = job.config.data.batch_size
-    assert [(i, n) for i, n, _ in steps[:8]] == [(0, rows)] * 5 + [(0, rows // 2)] * 3
-    assert [s for _, _, s in steps[5:8]] == [s for _, _, s in steps[:3]]  # the same paths at g = 2
-    assert len({s for _, _, s in steps[:5]}) == 5  # a path of its own per step
+    assert [(i, n) for i, n, _ in steps[:8]] == [(0, rows), (0, rows // 2)] * 3 + [(0, rows)] * 2
+    assert [s for _, n, s in steps[:6] if n < rows] == [s for _, n, s in steps[:6] if n == rows]  # same paths at g = 2
+    assert len({s for _, n, s in steps[:8] if n == rows}) == 5  # a path of its own per step
     with pytest.raises(ValueError, match="paths = 2 must be >= repeats = 4"):
         profile_job(job, 1, repeats=4, paths=2)
 
@@ -83,10 +85,11 @@ def test_sync_comes_before_every_timed_loop(clock, monkeypatch):
     profile_job(job, 2, repeats=2, warmup=1, paths=3, sync=lambda: events.append("sync"))
     loops = [events[i + 1] for i, e in enumerate(events) if e == "sync"]
     n = len(job.spec.teacher)
-    assert loops[:2] == ["teacher", "teacher"]  # the chain at g = 1, then at g = 2
-    assert loops[2:] == [f"student{i}" for i in range(n) for _ in (1, 2)]  # each block at g = 1, then g = 2
-    chain = events[:events.index("sync", 1)]  # g = 1's chain: warm-up + repeats rounds, no sync inside
-    assert chain == ["sync"] + ["teacher"] * n * 3
+    assert loops == ["teacher"] + [f"student{i}" for i in range(n)]  # the chain, then each block's steps
+    chain = events[:events.index("sync", 1)]  # the chain: (warm-up + paths) rounds at 2 degrees, no sync inside
+    assert chain == ["sync"] + ["teacher"] * n * 2 * 4 + ["teacher"]  # + block 0's target for its students
+    block0 = events[events.index("sync", 1):events.index("sync", events.index("sync", 1) + 1)]
+    assert block0.count("student0") == (1 + 2) * 2 + 1  # no sync between the degrees' interleaved steps
 
 
 def test_mean_profile_averages_the_times_of_one_job():
