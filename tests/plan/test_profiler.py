@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from conftest import tiny_config
 from nni_pipebd.distill.trainer import BlockTrainer
@@ -112,3 +113,26 @@ def test_mean_profile_averages_the_times_of_one_job():
         profiler.mean_profile([first, second])
     with pytest.raises(ValueError, match="at least one"):
         profiler.mean_profile([])
+
+
+def test_batch_split_steps_run_on_the_student_as_the_runtime_prepares_it(clock, monkeypatch):
+    """With ``split_student`` (group BatchNorm under ``sync_bn``), the steps at g >= 2 train the student it returns
+    and those at g = 1 the block itself: a batch split costs what the runtime's split student costs."""
+    from nni_pipebd.executors.syncbn import GroupBatchNorm2d, convert_sync_batchnorm
+
+    job = build_job(tiny_config())
+    seen = []
+    step = BlockTrainer.step
+
+    def recording_step(self, x, target, *args, **kwargs):
+        group_bn = any(isinstance(m, GroupBatchNorm2d) for m in self.student.modules())
+        plain_bn = any(type(m) is torch.nn.BatchNorm2d for m in self.student.modules())
+        seen.append((len(x), group_bn, plain_bn))
+        return step(self, x, target, *args, **kwargs)
+
+    monkeypatch.setattr(BlockTrainer, "step", recording_step)
+    profile_job(job, 2, repeats=2, warmup=1, paths=2, split_student=lambda s: convert_sync_batchnorm(s, None, "cpu"))
+    rows = job.config.data.batch_size
+    assert {(n, g, p) for n, g, p in seen if p or g} == {(rows, False, True), (rows // 2, True, False)}
+    assert any(n == rows // 2 for n, _, _ in seen) and all(
+        not isinstance(m, GroupBatchNorm2d) for s in job.spec.student for m in s.modules())  # the job's own untouched
