@@ -41,6 +41,9 @@ CLASSIFIED = {
     # docs/benchmarks.md, docs/reliability.md, docs/search.md: benchmarks of minutes to hours
     "python benchmarks/executors.py --workers 2 --json benchmarks/results-cpu-w2.json --doc docs/benchmarks.md": SCRIPT,
     "python benchmarks/executors.py --render benchmarks/results-cpu-w2.json --doc docs/benchmarks.md": SCRIPT,
+    "python benchmarks/levers.py --workload teacher-heavy --workload mobilenet "
+    "--json benchmarks/results-levers-cpu.json": SCRIPT,
+    "python benchmarks/levers.py --render benchmarks/results-levers-cpu.json --doc docs/benchmarks.md": SCRIPT,
     "python benchmarks/soak.py --epochs 40": SCRIPT,
     "python benchmarks/search_quality.py --init library --finetune-epochs 2 "
     "--json benchmarks/results-search-quality-library.json": SCRIPT,
