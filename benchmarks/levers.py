@@ -23,9 +23,10 @@ import tempfile
 from itertools import product
 from pathlib import Path
 
-from executors import SIMULATED, WORKLOADS, simulate, workload_config
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from executors import SIMULATED, WORKLOADS, simulate, workload_config  # noqa: E402  (benchmarks/ is not a package)
 
-from nni_pipebd.executors.autoplan import get_profile
+from nni_pipebd.executors.autoplan import get_profile  # noqa: E402
 
 BEGIN, END = "<!-- levers.py table: begin -->", "<!-- levers.py table: end -->"
 PLANNERS = ("TR+DPU+AHD", "TR+DPU+place")
