@@ -44,9 +44,9 @@ def get_profile(config: Config, workers: int, path: Union[str, Path, None] = Non
     processes (at least 2).
 
     On CPU the workers profile the blocks side by side, as many as will train at once on this machine's cores, and
-    the profile takes the mean of their times: the workers of a run share the memory bandwidth and caches, and a
-    block timed on an otherwise idle machine reads 20-30% fast. On CUDA each device is its own, and the blocks are
-    profiled here, on this process's device.
+    the profile takes the mean of their times: the workers of a run share the cores' caches and memory bandwidth,
+    and the profile is taken under the same load. On CUDA each device is its own, and the blocks are profiled here,
+    on this process's device.
     """
     threads = config.execution.threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
     previous = torch.get_num_threads()
@@ -92,8 +92,7 @@ def measure_links(config: Config, workers: int) -> Tuple[LinkModel, Dict[int, Li
     """Fit point-to-point and all-reduce (per group size) time models with real worker processes.
 
     An all-reduce's latency is what a small one adds between two convolutions (as a synchronised BatchNorm's do
-    in a running step), at least its time back to back; on two busy CPU cores with gloo that is about twice the
-    back-to-back figure."""
+    in a running step), at least its time back to back (on busy CPU cores with gloo it reads up to twice that)."""
     return _measure(config, workers, None)[1]
 
 

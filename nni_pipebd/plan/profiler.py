@@ -172,8 +172,8 @@ def profile_job(job: Job, max_devices: int, device: torch.device = torch.device(
     when given, is called before every timed loop (the chain, each block's steps): processes profiling the same job
     side by side (see :func:`mean_profile`) stay in step, each one's loop running under the load of the others.
     ``split_student``, when given, is how the runtime prepares a student whose batch is split over devices (with
-    ``execution.sync_bn``, its BatchNorm layers become group BatchNorm, which on a CPU computes several times
-    slower than the native layer): the steps at g >= 2 run on the student it returns, here without communication
+    ``execution.sync_bn``, its BatchNorm layers become group BatchNorm, which on a CPU can make a step up to twice
+    as slow as the native layer): the steps at g >= 2 run on the student it returns, here without communication
     (the all-reduces are the link model's).
     """
     if paths < repeats:
