@@ -31,10 +31,13 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List
 
-from nni_pipebd.config import Config
-from nni_pipebd.executors.autoplan import get_profile
-from nni_pipebd.executors.launch import train
-from nni_pipebd.plan.solver import dp_memory, dp_step_time, ideal_step_time, solve
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docgen import write_between  # noqa: E402  (benchmarks/ is not a package)
+
+from nni_pipebd.config import Config  # noqa: E402
+from nni_pipebd.executors.autoplan import get_profile  # noqa: E402
+from nni_pipebd.executors.launch import train  # noqa: E402
+from nni_pipebd.plan.solver import dp_memory, dp_step_time, ideal_step_time, solve  # noqa: E402
 
 WORKLOADS = {
     # DNA's regime: a big teacher distils a mobile-size student (ResNet-18 at 64x64, slim DNA-space student; six
@@ -264,12 +267,7 @@ def render(run: dict) -> str:
 
 def write_doc(doc: Path, run: dict) -> None:
     """Replace the generated part of ``doc`` (between the BEGIN and END markers) with :func:`render`."""
-    text = doc.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{doc} has no {BEGIN} ... {END} markers; add them where the tables go")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    doc.write_text(f"{head}{BEGIN}\n{render(run)}{END}{tail}")
+    write_between(doc, BEGIN, END, render(run))
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,8 @@ from itertools import product
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from executors import SIMULATED, WORKLOADS, simulate, workload_config  # noqa: E402  (benchmarks/ is not a package)
+from docgen import write_between  # noqa: E402  (benchmarks/ is not a package)
+from executors import SIMULATED, WORKLOADS, simulate, workload_config  # noqa: E402
 
 from nni_pipebd.executors.autoplan import get_profile  # noqa: E402
 
@@ -66,11 +67,7 @@ def rows(result: dict) -> list:
 
 def write_doc(doc: Path, run: dict) -> None:
     """Replace the generated part of ``doc`` (between the BEGIN and END markers) with :func:`render`."""
-    text = doc.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{doc} has no {BEGIN} ... {END} markers; add them where the table goes")
-    head, rest = text.split(BEGIN, 1)
-    doc.write_text(f"{head}{BEGIN}\n{render(run)}{END}{rest.split(END, 1)[1]}")
+    write_between(doc, BEGIN, END, render(run))
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,10 @@ import torch
 import yaml
 from scipy.stats import kendalltau
 
-from nni_pipebd.known_warnings import ENV, hide_known_warnings
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docgen import write_between  # noqa: E402  (benchmarks/ is not a package)
+
+from nni_pipebd.known_warnings import ENV, hide_known_warnings  # noqa: E402
 
 hide_known_warnings()  # NNI's and Lightning's known warnings, here and in the spawned training processes
 os.environ.setdefault(ENV, "hide")
@@ -343,12 +346,8 @@ def render(run: Dict[str, Any]) -> str:
 
 
 def write_doc(doc: Path, runs: List[Dict[str, Any]]) -> None:
-    """Replace the generated part of ``doc`` (between the BEGIN and END markers) with every run's tables."""
-    text = doc.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{doc} has no {BEGIN} ... {END} markers; add them where the tables go")
-    head, rest = text.split(BEGIN, 1)
-    doc.write_text(f"{head}{BEGIN}\n{render_all(runs)}{END}{rest.split(END, 1)[1]}")
+    """Replace the generated part of ``doc`` (between the BEGIN and END markers) with :func:`render_all`."""
+    write_between(doc, BEGIN, END, render_all(runs))
 
 
 def render_all(runs: List[Dict[str, Any]]) -> str:
