@@ -20,8 +20,6 @@ _logger = logging.getLogger("nni_pipebd")
 
 def _train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .executors.launch import train
-    from .report.summary import train_summary
 
     config = load_config(args.config)
     execution, distill = {}, {}
@@ -48,6 +46,11 @@ def _train(args: argparse.Namespace) -> int:
     config = config.replace(execution=execution, distill=distill)
     if args.resume and args.out and Path(args.resume) != Path(args.out):
         raise ValueError(f"--resume {args.resume} and --out {args.out} name different folders; give one")
+    if config.execution.workers > 1 or config.execution.executor != "reference" or config.execution.plan == "auto":
+        _warm_workers()
+    from .executors.launch import train
+    from .report.summary import train_summary
+
     out = Path(args.resume or args.out or f"runs/{Path(args.config).stem}-{config.execution.executor}")
     trace = args.trace or str(out / "trace.json")
     manifest = train(config, out, overwrite=args.overwrite, trace=trace, resume=bool(args.resume),
@@ -64,9 +67,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _profile(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .executors.autoplan import get_profile
 
     config = load_config(args.config)
+    _warm_workers()
+    from .executors.autoplan import get_profile
+
     workers = args.workers or config.execution.workers
     profile = get_profile(config, workers, args.out)
     rows = ["block  " + "  ".join(f"g={g}: teacher/student ms, MB" for g in sorted(profile.blocks[0].teacher_s))]
@@ -83,9 +88,11 @@ def _profile(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .executors.autoplan import auto_plan
 
     config = load_config(args.config)
+    _warm_workers()
+    from .executors.autoplan import auto_plan
+
     if args.memory_limit is not None:
         config = config.replace(execution={"memory_limit_mb": args.memory_limit})
     plan, profile = auto_plan(config, args.workers, args.profile)
@@ -196,6 +203,16 @@ def _nni_space(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warm_workers() -> None:
+    """Start the workers' fork server now, so that its imports run beside this process's own (under torchrun the
+    workers are torchrun's: nothing to start)."""
+    from .executors.forkserver import start_server
+    from .executors.torchrun import under_torchrun
+
+    if not under_torchrun():
+        start_server()
+
+
 def _set_threads(threads: Optional[int]) -> None:
     if threads is not None:
         if threads < 1:
@@ -206,6 +223,7 @@ def _set_threads(threads: Optional[int]) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    _warm_workers()
     from .demo import format_summary, run_demo
 
     summary = run_demo(args.config, args.out, workers=args.workers, finetune_epochs=args.finetune_epochs,

@@ -296,7 +296,9 @@ class ExecutionConfig:
     timeout_s : float
         Timeout of every collective and receive.
     threads_per_worker : int, optional
-        ``torch.set_num_threads`` in each worker.
+        ``torch.set_num_threads`` in each worker (the in-process reference too); default: the machine's cores
+        divided by the workers on it. CPU kernels sum in an order that depends on the thread count, so runs with
+        different numbers of workers agree bit for bit only when this is fixed (e.g. 1).
     boundaries : list of int, optional
         ``pipebd``: the first block of every stage (one per worker, starting at 0); default: balanced by
         estimated cost.

@@ -56,6 +56,24 @@ def pytest_runtest_setup(item):
         pytest.skip(f"needs {needed} GPUs, {torch.cuda.device_count()} visible (marked gpu)")
 
 
+_FORKSERVER = "multiprocessing.forkserver import main"
+
+
+def is_worker(proc) -> bool:
+    """Whether ``proc`` (a ``psutil.Process``) is a worker process: spawned, or forked by the workers' fork server
+    (not the server itself, nor multiprocessing's resource tracker)."""
+    import psutil
+
+    try:
+        command = " ".join(proc.cmdline())
+        if "spawn_main" in command:
+            return True
+        parent = proc.parent()
+        return _FORKSERVER in command and parent is not None and _FORKSERVER in " ".join(parent.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
 @pytest.fixture
 def tiny():
     return tiny_config

@@ -22,7 +22,7 @@ from ..plan.placement import place
 from ..plan.plan import Plan
 from ..plan.profiler import LinkModel, Profile, load_or_none, mean_profile, profile_job, profile_key
 from ..plan.solver import solve
-from .processes import join_group, resolve_device, run_processes
+from .processes import join_group, resolve_device, run_processes, worker_threads
 from .syncbn import convert_sync_batchnorm
 
 __all__ = ["cache_path", "get_profile", "auto_plan", "measure_links"]
@@ -48,7 +48,7 @@ def get_profile(config: Config, workers: int, path: Union[str, Path, None] = Non
     and the profile is taken under the same load. On CUDA each device is its own, and the blocks are profiled here,
     on this process's device.
     """
-    threads = config.execution.threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
+    threads = worker_threads(config, workers)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)  # measure as a worker will run
     try:

@@ -27,17 +27,13 @@ from ..report.trace import Tracer, busy_fraction, write_chrome_trace
 from .base import WorkerContext, WorkerReport, get_executor, rss_mb
 from .checkpoint import CHECKPOINTS, CheckpointError
 from .processes import (WorkerError, deterministic_kernels, device_kind, join_group, resolve_device,
-                        run_processes)
+                        run_processes, worker_threads)
+from .torchrun import under_torchrun
 from .stopping import LeadSignals, RunStopped, StopControl, die_with_parent, forget_parent, worker_signals
 
 __all__ = ["train", "WorkerError", "RunStopped", "under_torchrun"]
 
 _logger = logging.getLogger(__name__)
-
-
-def under_torchrun() -> bool:
-    """Whether this process was started by torchrun (or another env:// launcher)."""
-    return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
@@ -253,10 +249,9 @@ def _worker(rank: int, world: int, config: Config, out_dir: str, init_method: Op
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = resolve_device(config, local_rank)
     timeout = datetime.timedelta(seconds=config.execution.timeout_s)
-    threads = config.execution.threads_per_worker or (max(1, (os.cpu_count() or 1) // world) if init_method else None)
+    local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if init_method == "env://" else world
     previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(worker_threads(config, local_workers))
     group = None
     if init_method is not None:
         group = join_group(rank, world, device, config.execution.backend, init_method, timeout)

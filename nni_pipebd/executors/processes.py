@@ -1,4 +1,4 @@
-"""Worker processes: a rank's device and process group, and local spawning that names the rank that failed first."""
+"""Worker processes: a rank's device and process group, and local starting that names the rank that failed first."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import torch.multiprocessing as mp
 
 from ..config import Config
 from ..precision import check_precision
+from .forkserver import leave_server, start_method, start_server
 from .stopping import RunStopped, die_with_parent, ignored_signals
 
-__all__ = ["WorkerError", "resolve_device", "device_kind", "deterministic_kernels", "join_group", "run_processes"]
+__all__ = ["WorkerError", "resolve_device", "device_kind", "worker_threads", "deterministic_kernels", "join_group",
+           "run_processes"]
 
 
 class WorkerError(RuntimeError):
@@ -50,6 +52,18 @@ def device_kind(config: Config) -> str:
         where = "execution.device = 'auto'" + ("" if kind == "cuda" else " (no GPU visible)")
     check_precision(config.execution.precision, kind, where)
     return kind
+
+
+def worker_threads(config: Config, local_workers: int) -> int:
+    """Torch threads of each worker: ``execution.threads_per_worker``, else this machine's cores shared among the
+    ``local_workers`` workers on it.
+
+    One rule wherever a worker runs (in the lead, spawned or forked, under torchrun), so a block computes alike
+    whichever executor runs it with the same number of workers per machine. CPU kernels sum in an order that depends
+    on the thread count: layouts with different numbers of workers agree bit for bit only with a fixed
+    ``threads_per_worker``.
+    """
+    return config.execution.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, local_workers))
 
 
 @contextmanager
@@ -96,19 +110,23 @@ def join_group(rank: int, world: int, device: torch.device, backend: str, init_m
 
 def run_processes(fn: Callable[..., None], world: int, args: Sequence[Any], folder: str,
                   watching: Optional[ContextManager] = None) -> None:
-    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes and wait for all of them.
+    """Run ``fn(rank, world, *args)`` in ``world`` worker processes and wait for all of them.
 
-    The processes die with this one (``PR_SET_PDEATHSIG``) and start with SIGINT / SIGTERM ignored (they install
-    their own handlers). ``folder`` is the run's rendezvous folder: a rank that fails writes ``rank<r>.error`` there
-    (and may announce its role in ``rank<r>.role``), so that the :class:`WorkerError` raised here names the rank
-    that failed first and why; the other processes are then killed. ``watching`` is entered while waiting (e.g.
-    progress bars).
+    The workers fork from a server that has imported torch, NNI and the worker code already
+    (:mod:`~nni_pipebd.executors.forkserver`; ``NNI_PIPEBD_START_METHOD=spawn`` starts fresh interpreters instead),
+    with this process's environment of now. They die with this process (``PR_SET_PDEATHSIG`` against their parent,
+    which dies with this process) and start with SIGINT / SIGTERM ignored (they install their own handlers).
+    ``folder`` is the run's rendezvous folder: a rank that fails writes ``rank<r>.error`` there (and may announce its
+    role in ``rank<r>.role``), so that the :class:`WorkerError` raised here names the rank that failed first and why;
+    the other processes are then killed. ``watching`` is entered while waiting (e.g. progress bars).
     """
     context = None
     try:
         with ignored_signals():  # the workers start ignoring them, until their own handlers are in place
-            context = mp.start_processes(_entry, args=(fn, world, folder, os.getpid(), tuple(args)), nprocs=world,
-                                         join=False, start_method="spawn")
+            server = start_server()
+            parent = os.getpid() if server is None else server
+            context = mp.start_processes(_entry, args=(fn, world, folder, parent, dict(os.environ), tuple(args)),
+                                         nprocs=world, join=False, start_method=start_method())
         try:
             with watching or nullcontext():
                 while not context.join(timeout=1.0, grace_period=3.0):
@@ -121,8 +139,12 @@ def run_processes(fn: Callable[..., None], world: int, args: Sequence[Any], fold
             _kill(context.processes)
 
 
-def _entry(rank: int, fn: Callable[..., None], world: int, folder: str, lead_pid: int, args: tuple) -> None:
-    die_with_parent(lead_pid)
+def _entry(rank: int, fn: Callable[..., None], world: int, folder: str, parent_pid: int, environ: Dict[str, str],
+           args: tuple) -> None:
+    die_with_parent(parent_pid)
+    leave_server()
+    os.environ.clear()  # the lead's environment at this run's start (a forked server's is that of its own start)
+    os.environ.update(environ)
     try:
         fn(rank, world, *args)
     except RunStopped:

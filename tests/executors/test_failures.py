@@ -5,7 +5,7 @@ import time
 import psutil
 import pytest
 
-from conftest import tiny_config
+from conftest import is_worker, tiny_config
 from nni_pipebd.distill.trainer import NonFiniteLossError
 from nni_pipebd.executors.faults import ENV
 from nni_pipebd.executors.launch import WorkerError, train
@@ -14,11 +14,11 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def workers():
-    """Live worker processes started by spawn (not multiprocessing's resource tracker)."""
+    """Live worker processes (not the fork server, nor multiprocessing's resource tracker)."""
     found = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline()):
+            if p.status() != psutil.STATUS_ZOMBIE and is_worker(p):
                 found.append(p)
         except psutil.NoSuchProcess:
             pass

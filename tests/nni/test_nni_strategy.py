@@ -175,6 +175,7 @@ def test_ctrl_c_stops_the_experiment_its_trial_and_workers(tmp_path):
 
     import psutil
 
+    from conftest import is_worker
     from nni_pipebd.executors.faults import ENV
 
     port, mark = free_port(), uuid.uuid4().hex
@@ -201,7 +202,7 @@ def test_ctrl_c_stops_the_experiment_its_trial_and_workers(tmp_path):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and sum("spawn_main" in " ".join(p.cmdline()) for p in of_the_run()) < 2:
+        while time.monotonic() < deadline and sum(map(is_worker, of_the_run())) < 2:
             assert proc.poll() is None, proc.communicate()[0][-3000:]
             time.sleep(0.5)
         assert time.monotonic() < deadline, "the distillation workers did not start"

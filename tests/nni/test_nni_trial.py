@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_same_blocks, tiny_config
+from conftest import assert_same_blocks, is_worker, tiny_config
 from nni_pipebd.executors.launch import train
 from nni_pipebd.nni import BlockwiseDistillation
 
@@ -37,7 +37,7 @@ def test_trial_stopped_by_sigterm_to_its_tree_resumes_with_reuse(tmp_path):
     began = time.time()
     proc = start([sys.executable, "-m", "nni_pipebd.nni.trial", "--params", str(params)], tmp_path)
     try:
-        wait_for(lambda: len([p for p in alive(proc.pid) if "spawn_main" in " ".join(p.cmdline())]) == 2, 90,
+        wait_for(lambda: len([p for p in alive(proc.pid) if is_worker(p)]) == 2, 90,
                  "the two workers")
         wait_for(lambda: (tmp_path / "lib" / "trace.json").exists() or _progress(began), 90, "training to start")
         for p in alive(proc.pid):  # what NNI's tree-kill does on `nnictl stop` / a cancelled trial
