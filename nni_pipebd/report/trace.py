@@ -47,7 +47,10 @@ def busy_fraction(spans: Sequence[Span], start: float, end: float, busy: Sequenc
 
 def write_chrome_trace(path: Union[str, Path], spans_by_rank: Dict[int, Sequence[Span]],
                        names: Dict[int, str]) -> Path:
-    """Write one row (thread) per rank; ``names`` labels the rows (e.g. 'rank 1: stage 1, blocks 2-3')."""
+    """Write one row (thread) per rank; ``names`` labels the rows (e.g. 'rank 1: stage 1, blocks 2-3').
+
+    Times count from the first span of any rank; ``otherData.origin_unix_s`` says when that was (Unix seconds).
+    """
     origin = min((s for spans in spans_by_rank.values() for s, _, _ in spans), default=0.0)
     events = []
     for rank, spans in sorted(spans_by_rank.items()):
@@ -58,5 +61,6 @@ def write_chrome_trace(path: Union[str, Path], spans_by_rank: Dict[int, Sequence
                            "ts": (start - origin) * 1e6, "dur": (end - start) * 1e6})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms",
+                                "otherData": {"origin_unix_s": origin}}))
     return path
