@@ -34,6 +34,10 @@ from typing import Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docgen import write_between  # noqa: E402  (benchmarks/ is not a package)
 
+from nni_pipebd.known_warnings import hide_in_script  # noqa: E402
+
+hide_in_script()  # before anything imports NNI (its import warns), here and in the workers
+
 from nni_pipebd.config import Config  # noqa: E402
 from nni_pipebd.executors.autoplan import get_profile  # noqa: E402
 from nni_pipebd.executors.launch import train  # noqa: E402

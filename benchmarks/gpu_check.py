@@ -32,7 +32,11 @@ import time
 from pathlib import Path
 from typing import List, Tuple
 
-import torch
+from nni_pipebd.known_warnings import hide_in_script
+
+hide_in_script()  # before anything imports NNI (its import warns), here and in the workers
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from executors import WORKLOADS, place, simulate  # noqa: E402  (benchmarks/ is not a package)

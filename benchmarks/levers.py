@@ -23,6 +23,10 @@ import tempfile
 from itertools import product
 from pathlib import Path
 
+from nni_pipebd.known_warnings import hide_in_script  # noqa: E402
+
+hide_in_script()  # before anything imports NNI (its import warns), here and in the workers
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docgen import write_between  # noqa: E402  (benchmarks/ is not a package)
 from executors import SIMULATED, WORKLOADS, simulate, workload_config  # noqa: E402

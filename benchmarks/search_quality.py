@@ -39,10 +39,9 @@ from scipy.stats import kendalltau
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docgen import write_between  # noqa: E402  (benchmarks/ is not a package)
 
-from nni_pipebd.known_warnings import ENV, hide_known_warnings  # noqa: E402
+from nni_pipebd.known_warnings import hide_in_script  # noqa: E402
 
-hide_known_warnings()  # NNI's and Lightning's known warnings, here and in the spawned training processes
-os.environ.setdefault(ENV, "hide")
+hide_in_script()  # before anything imports NNI (its import warns), here and in the workers
 
 from nni_pipebd.config import Config  # noqa: E402 (after the warning filters: importing NNI warns)
 from nni_pipebd.executors.launch import train  # noqa: E402

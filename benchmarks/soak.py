@@ -15,6 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from nni_pipebd.known_warnings import hide_in_script
+
+hide_in_script()  # before anything imports NNI (its import warns), here and in the workers
+
 from nni_pipebd.config import Config
 from nni_pipebd.executors.launch import train
 

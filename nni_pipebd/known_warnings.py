@@ -7,7 +7,7 @@ import os
 import warnings
 from typing import Iterator, Tuple, Type
 
-__all__ = ["KNOWN_WARNINGS", "ENV", "hide_known_warnings", "hide_if_asked", "command_warnings"]
+__all__ = ["KNOWN_WARNINGS", "ENV", "hide_known_warnings", "hide_if_asked", "hide_in_script", "command_warnings"]
 
 ENV = "NNI_PIPEBD_WARNINGS"
 """``hide``: every process of this run (spawned workers too) hides :data:`KNOWN_WARNINGS`; ``show``: it does not.
@@ -49,6 +49,13 @@ def hide_if_asked() -> bool:
         hide_known_warnings()
         return True
     return False
+
+
+def hide_in_script() -> None:
+    """For a script or ``python -m`` entry point, before it imports torch or NNI: hide :data:`KNOWN_WARNINGS` here
+    and in the processes it starts, as the CLI does (``NNI_PIPEBD_WARNINGS=show`` in the environment shows them)."""
+    os.environ.setdefault(ENV, "hide")
+    hide_if_asked()
 
 
 @contextlib.contextmanager

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from ..known_warnings import hide_in_script
+
 __all__ = ["run_trial", "main"]
 
 _logger = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--params", help="JSON file with a trial's parameters (runs without NNI; nothing reported)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    hide_in_script()  # the trial's log shows what the CLI would: no known third-party warnings
     if args.params:
         params = json.loads(Path(args.params).read_text())
     else:
