@@ -7,7 +7,9 @@ Every run trains every block on the same samples (same seed, ``--steps`` steps o
 worker pinned to one thread, one after another in this process tree; the executors are interleaved (repeat 1 of
 each, then repeat 2 of each, ...) so that a noisy moment of the machine does not favour one of them. Reported per
 executor, as the median of the repeats with their min-max: samples per second (per block), speedup over dp and
-efficiency against the ideal (the same repeat's single-worker reference time / W); also teacher block forwards
+efficiency against the ideal (the same repeat's single-worker reference time / W) and against the machine's
+ceiling (in the same repeat, W independent processes started together, each training the reference on 1/W of
+the steps with no communication: the most this machine gives W processes); also teacher block forwards
 (counted by hooks on the teacher modules) and samples loaded per trained sample, peak RSS per worker and each
 rank's busy fraction. Each workload is profiled first (``nni_pipebd.plan.profiler``: every block at 1..8 devices,
 links measured with real workers); the measured block costs are given to every executor (``execution.block_costs``),
@@ -28,6 +30,7 @@ import logging
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -41,6 +44,7 @@ hide_in_script()  # before anything imports NNI (its import warns), here and in 
 from nni_pipebd.config import Config  # noqa: E402
 from nni_pipebd.executors.autoplan import get_profile  # noqa: E402
 from nni_pipebd.executors.launch import train  # noqa: E402
+from nni_pipebd.executors.processes import run_processes  # noqa: E402
 from nni_pipebd.plan.solver import dp_memory, dp_step_time, ideal_step_time, solve  # noqa: E402
 
 WORKLOADS = {
@@ -110,6 +114,36 @@ def plans_for(profile, workers: int) -> dict:
     return plans
 
 
+def _ceiling_worker(rank: int, world: int, config: Config, folder: str) -> None:
+    """One of the ceiling's processes: meet the others (files, no process group), then train the reference on
+    this process's share of the steps, alone."""
+    Path(folder, f"ready{rank}").write_text("")
+    deadline = time.monotonic() + 300
+    while not all(Path(folder, f"ready{r}").exists() for r in range(world)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"ceiling process {rank}: the other {world - 1} did not start within 300 s")
+        time.sleep(0.001)
+    manifest = train(config, Path(folder, f"out{rank}"))
+    Path(folder, f"time{rank}").write_text(repr(manifest["train_time_s"]))
+
+
+def ceiling_time(config: Config, workers: int, folder: Path) -> float:
+    """The machine's ceiling for ``workers`` processes: ``workers`` independent processes, started together, each
+    training the reference on 1/``workers`` of the steps with no communication; the slowest one's time.
+
+    What ``workers`` processes can reach here at all (shared memory bandwidth, caches, cores), against which an
+    executor's efficiency is read beside the ideal ``reference / workers``.
+    """
+    steps = config.distill.max_steps_per_epoch
+    if steps % workers:
+        raise SystemExit(f"--steps {steps} must be a multiple of --workers {workers} for the machine's ceiling")
+    share = config.replace(distill={"max_steps_per_epoch": steps // workers},
+                           execution={"executor": "reference", "workers": 1})
+    folder.mkdir(parents=True)
+    run_processes(_ceiling_worker, workers, (share, str(folder)), str(folder))
+    return max(float(Path(folder, f"time{r}").read_text()) for r in range(workers))
+
+
 def run_workload(name: str, workers: int, steps: int, batch: int, repeats: int, scratch: Path) -> dict:
     config = workload_config(name, steps, batch)
     profile = get_profile(config, max(SIMULATED + (workers,)), scratch / f"{name}.profile.json")
@@ -129,8 +163,11 @@ def run_workload(name: str, workers: int, steps: int, batch: int, repeats: int, 
         "simulated": simulate(profile),
         "executors": {label: {"train_time_s": []} for label, _, extra in EXECUTORS
                       if extra.get("plan", "ahd") in plans},
+        "ceiling": {"train_time_s": []},
     }
     for repeat in range(repeats):
+        result["ceiling"]["train_time_s"].append(ceiling_time(config, workers, scratch / f"{name}-ceiling-{repeat}"))
+        logging.info("%s machine ceiling repeat %d: %.2f s", name, repeat + 1, result["ceiling"]["train_time_s"][-1])
         for label, executor, extra in EXECUTORS:
             if extra.get("plan", "ahd") not in plans:
                 continue
@@ -151,11 +188,15 @@ def run_workload(name: str, workers: int, steps: int, batch: int, repeats: int, 
             logging.info("%s %s repeat %d: %.2f s", name, label, repeat + 1, manifest["train_time_s"])
     reference = result["executors"]["reference"]["train_time_s"]
     dp = result["executors"]["dp"]["train_time_s"]
+    ceiling = result["ceiling"]["train_time_s"]
+    result["ceiling"]["time"] = spread(ceiling)
+    result["ceiling"]["efficiency_vs_ideal"] = spread([(r / workers) / c for r, c in zip(reference, ceiling)])
     for entry in result["executors"].values():
         times = entry["train_time_s"]
         entry["samples_per_s"] = spread([entry["samples_per_block"] / t for t in times])
         entry["speedup_vs_dp"] = spread([d / t for d, t in zip(dp, times)])
         entry["efficiency_vs_ideal"] = spread([(r / workers) / t for r, t in zip(reference, times)])
+        entry["efficiency_vs_ceiling"] = spread([c / t for c, t in zip(ceiling, times)])
         entry["time"] = spread(times)
     result["prediction"] = {}
     for key, label in (("ahd", "TR+DPU+AHD"), ("place", "TR+DPU+place")):
@@ -164,8 +205,12 @@ def run_workload(name: str, workers: int, steps: int, batch: int, repeats: int, 
         measured = result["executors"][label]["time"]["median"] / steps
         predicted = plans[key].predicted["step_s"]
         errors = [(predicted - t / steps) / (t / steps) for t in result["executors"][label]["train_time_s"]]
+        ideal, roof = ideal_step_time(profile, workers), result["ceiling"]["time"]["median"] / steps
         result["prediction"][label] = {"predicted_step_s": predicted, "measured_step_s": measured,
-                                       "error": (predicted - measured) / measured, "errors": spread(errors)}
+                                       "error": (predicted - measured) / measured, "errors": spread(errors),
+                                       "ideal_step_s": ideal, "ceiling_step_s": roof,
+                                       "predicted_efficiency_vs_ideal": ideal / predicted,
+                                       "predicted_efficiency_vs_ceiling": roof / predicted}
     return result
 
 
@@ -207,6 +252,10 @@ def describe(plan) -> str:
     return f"{links}; {students}"
 
 
+def _ceiling_cell(entry: dict) -> str:
+    return _cell(entry["efficiency_vs_ceiling"]) if "efficiency_vs_ceiling" in entry else "-"  # older runs: none
+
+
 def _cell(s: Dict[str, float], digits: int = 2) -> str:
     return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
 
@@ -216,15 +265,22 @@ def table(result: dict) -> str:
     lines = [f"### {result['workload']} (W = {result['workers']}, teacher/student cost "
              f"{result['teacher_to_student_cost']:.2f}, median [min-max] of {result['repeats']} interleaved repeats)",
              "",
-             "| executor | samples/s | speedup vs dp | efficiency vs ideal | teacher fwd/sample | loads/sample "
-             "| peak RSS MB | busy fraction per rank (median run) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| executor | samples/s | speedup vs dp | efficiency vs ideal | efficiency vs ceiling | teacher fwd/sample "
+             "| loads/sample | peak RSS MB | busy fraction per rank (median run) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, e in result["executors"].items():
         middle = sorted(range(len(e["train_time_s"])), key=lambda i: e["train_time_s"][i])[len(e["train_time_s"]) // 2]
         lines.append(f"| {label} | {_cell(e['samples_per_s'], 1)} | {_cell(e['speedup_vs_dp'])} | "
-                     f"{_cell(e['efficiency_vs_ideal'])} | {e['teacher_block_forwards_per_sample']:.0f} | "
+                     f"{_cell(e['efficiency_vs_ideal'])} | {_ceiling_cell(e)} | "
+                     f"{e['teacher_block_forwards_per_sample']:.0f} | "
                      f"{e['samples_loaded_per_sample']:.0f} | {max(e['peak_rss_mb']):.0f} | "
                      f"{', '.join(f'{b:.2f}' for b in e['busy_fraction'][middle])} |")
+    if "ceiling" in result:
+        c = result["ceiling"]
+        lines += ["", f"Machine ceiling (W = {result['workers']} independent processes started together, each "
+                  f"training the reference on 1/{result['workers']} of the steps, no communication): "
+                  f"{_cell(c['time'])} s, efficiency vs ideal {_cell(c['efficiency_vs_ideal'])} — the most this "
+                  "machine gives that many processes."]
     lines += ["", "per-block ms (teacher fwd / student fwd+bwd+step, batch "
               f"{result['batch_size']}, 1 thread): " + ", ".join(
                   f"{t}/{s}" for t, s in zip(result["block_teacher_ms"], result["block_student_ms"])), ""]
@@ -244,7 +300,10 @@ def table(result: dict) -> str:
         lines.append(f"- {label}: predicted step {1e3 * p['predicted_step_s']:.1f} ms, measured (median) "
                      f"{1e3 * p['measured_step_s']:.1f} ms (error {100 * p['error']:+.0f}%"
                      + (f"; per repeat {100 * p['errors']['min']:+.0f}% to {100 * p['errors']['max']:+.0f}%"
-                        if "errors" in p else "") + ")")
+                        if "errors" in p else "") + ")"
+                     + (f"; predicted efficiency {p['predicted_efficiency_vs_ideal']:.2f} vs ideal "
+                        f"({1e3 * p['ideal_step_s']:.1f} ms), {p['predicted_efficiency_vs_ceiling']:.2f} vs the "
+                        f"measured ceiling ({1e3 * p['ceiling_step_s']:.1f} ms)" if "ceiling_step_s" in p else ""))
     lines += ["", "| simulated W | plan | step ms | speedup vs dp | efficiency vs ideal | peak MB (dp MB) | plan |",
               "|---|---|---|---|---|---|---|"]
     for w, entry in result["simulated"].items():
