@@ -1,4 +1,8 @@
-"""The block library on disk: ``library.json`` (config, per-block losses, counters) and ``block_{i}.pt``."""
+"""The block library on disk: ``library.json`` (config, per-block losses, counters) and ``block_{i}.pt``.
+
+Reading and checking ``library.json`` needs no torch (the CLI checks a library folder before importing it); torch
+loads where a tensor file is written or read.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional, Union
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["FORMAT", "LibraryError", "atomic_save", "block_path", "write_manifest", "load_manifest",
            "random_teacher_warning", "save_object_file", "load_object_file",
@@ -38,6 +43,8 @@ def atomic_save(obj: Any, path: Union[str, Path]) -> None:
                 json.dump(obj, f, indent=2, sort_keys=False)
                 f.write("\n")
         else:
+            import torch
+
             torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -89,6 +96,8 @@ def random_teacher_warning(manifest: Dict[str, Any]) -> Optional[str]:
 
 def load_block(directory: Union[str, Path], index: int) -> Dict[str, torch.Tensor]:
     """The student ``state_dict`` of block ``index``."""
+    import torch
+
     path = block_path(directory, index)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -121,6 +130,8 @@ def save_object_file(obj: Any, folder: Union[str, Path], stem: str) -> Path:
     import hashlib
     import io
 
+    import torch
+
     buffer = io.BytesIO()
     try:
         torch.save(obj, buffer)
@@ -151,6 +162,8 @@ def load_object_file(path: Union[str, Path], what: str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {str(path)!r} does not exist; write it with torch.save(obj, path)")
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # unpickling raises many types: a missing class is AttributeError/ModuleNotFoundError
