@@ -10,12 +10,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional, Tuple, Union
+
+from .config import Config
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FORMAT", "LibraryError", "atomic_save", "block_path", "write_manifest", "load_manifest",
+__all__ = ["FORMAT", "LibraryError", "atomic_save", "block_path", "write_manifest", "load_manifest", "read_library",
            "random_teacher_warning", "save_object_file", "load_object_file",
            "load_block"]
 
@@ -84,6 +86,20 @@ def load_manifest(directory: Union[str, Path]) -> Dict[str, Any]:
     for key, default in _TEACHER_TRAINING.items():  # written before these keys existed: their defaults (no change)
         teacher.setdefault(key, default)
     return manifest
+
+
+def read_library(directory: Union[str, Path]) -> Tuple[Dict[str, Any], Config]:
+    """``library.json`` of ``directory`` and the job it was trained with, both checked; no torch needed.
+
+    Raises
+    ------
+    LibraryError
+        The folder holds no finished library, or its ``library.json`` is unreadable.
+    nni_pipebd.config.ConfigError
+        The library's config is not valid (e.g. written by a version with other keys).
+    """
+    manifest = load_manifest(directory)
+    return manifest, Config.from_dict(manifest["config"], manifest["base_dir"])
 
 
 def random_teacher_warning(manifest: Dict[str, Any]) -> Optional[str]:
