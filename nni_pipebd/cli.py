@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import shlex
@@ -10,8 +11,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from .config import load_config
 from .executors.stopping import RunStopped  # standard library only: the CLI's imports stay light
 from .known_warnings import command_warnings
+
+# Every command checks its arguments and its config (or library folder) first and imports torch, torchvision, NNI
+# and Lightning (seconds) only then: a typo fails at once (tests/test_cli.py::test_errors_before_heavy_imports).
 
 __all__ = ["main", "KNOWN_ERRORS", "one_line", "resume_command"]
 
@@ -19,8 +24,6 @@ _logger = logging.getLogger("nni_pipebd")
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import load_config
-
     config = load_config(args.config)
     execution, distill = {}, {}
     if args.executor is not None:
@@ -46,13 +49,13 @@ def _train(args: argparse.Namespace) -> int:
     config = config.replace(execution=execution, distill=distill)
     if args.resume and args.out and Path(args.resume) != Path(args.out):
         raise ValueError(f"--resume {args.resume} and --out {args.out} name different folders; give one")
+    out = Path(args.resume or args.out or f"runs/{Path(args.config).stem}-{config.execution.executor}")
+    trace = args.trace or str(out / "trace.json")
     if config.execution.workers > 1 or config.execution.executor != "reference" or config.execution.plan == "auto":
         _warm_workers()
     from .executors.launch import train
     from .report.summary import train_summary
 
-    out = Path(args.resume or args.out or f"runs/{Path(args.config).stem}-{config.execution.executor}")
-    trace = args.trace or str(out / "trace.json")
     manifest = train(config, out, overwrite=args.overwrite, trace=trace, resume=bool(args.resume),
                      progress=not args.quiet)
     if manifest is None:  # a torchrun rank other than 0
@@ -66,13 +69,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from .config import load_config
-
     config = load_config(args.config)
+    workers = args.workers or config.execution.workers
     _warm_workers()
     from .executors.autoplan import get_profile
 
-    workers = args.workers or config.execution.workers
     profile = get_profile(config, workers, args.out)
     rows = ["block  " + "  ".join(f"g={g}: teacher/student ms, MB" for g in sorted(profile.blocks[0].teacher_s))]
     for i, block in enumerate(profile.blocks):
@@ -87,14 +88,12 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .config import load_config
-
     config = load_config(args.config)
+    if args.memory_limit is not None:
+        config = config.replace(execution={"memory_limit_mb": args.memory_limit})
     _warm_workers()
     from .executors.autoplan import auto_plan
 
-    if args.memory_limit is not None:
-        config = config.replace(execution={"memory_limit_mb": args.memory_limit})
     plan, profile = auto_plan(config, args.workers, args.profile)
     if args.out:
         plan.save(args.out)
@@ -110,17 +109,17 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from .search.finetune import FinetuneSettings
-    from .search.ranking import RankingSettings
-    from .search.runner import search_library
+    from .search.inputs import FinetuneSettings, RankingSettings
+    from .search.runner import check_search, search_library
 
-    _set_threads(args.threads)
     ranking = RankingSettings(max_paths=args.max_paths, val_batches=args.val_batches,
                               calib_batches=args.calib_batches, seed=args.seed, latency_runs=args.latency_runs)
-    result = search_library(args.library, args.method, args.budget, top_k=args.top_k, ranking=ranking,
+    settings = FinetuneSettings(epochs=args.epochs, seed=args.seed)
+    budget = check_search(args.library, args.method, args.budget, args.top_k)
+    _set_threads(args.threads)
+    result = search_library(args.library, args.method, budget, top_k=args.top_k, ranking=ranking,
                             normalize=args.normalize, predictor_archs=args.predictor_archs,
-                            finetune_settings=FinetuneSettings(epochs=args.epochs, seed=args.seed),
-                            seed=args.seed, device=args.device, out=args.out)
+                            finetune_settings=settings, seed=args.seed, device=args.device, out=args.out)
     for arch in result["architectures"]:
         quality = (f"score {arch['score']:.4f}" if "score" in arch
                    else f"predicted accuracy {arch['predicted_accuracy']:.4f}")
@@ -133,17 +132,22 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from .search.finetune import FinetuneSettings, architecture_id, finetune, load_architecture
-    from .search.loaded import open_library
+    from .library import read_library
+    from .search.inputs import FinetuneSettings, architecture_id, load_architecture
 
-    _set_threads(args.threads)
-    library = open_library(args.library)
-    if args.arch is None and library.choices:
-        raise ValueError(f"{args.library} is a supernet library ({len(library.choices)} layer choices): give "
-                         "--arch ARCH.json (an NNI sample dict or the output of `nni-pipebd search --out`)")
-    sample = {} if args.arch is None else load_architecture(args.arch)
     settings = FinetuneSettings(epochs=args.epochs, mode=args.mode, lr=args.lr, init=args.init,
                                 max_steps_per_epoch=args.max_steps, seed=args.seed)
+    read_library(args.library)
+    sample = None if args.arch is None else load_architecture(args.arch)
+    _set_threads(args.threads)
+    from .search.finetune import finetune
+    from .search.loaded import open_library
+
+    library = open_library(args.library)
+    if sample is None and library.choices:
+        raise ValueError(f"{args.library} is a supernet library ({len(library.choices)} layer choices): give "
+                         "--arch ARCH.json (an NNI sample dict or the output of `nni-pipebd search --out`)")
+    sample = {} if sample is None else sample
     out = args.out or str(Path(args.library) / f"finetune_{architecture_id(sample)}.json")
     result = finetune(library, sample, settings, out=out, save_model=args.save_model, device=args.device)
     _logger.info("val accuracy %.4f (teacher %.4f), %d params (teacher %d); result written to %s",
@@ -155,11 +159,10 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _blocks(args: argparse.Namespace) -> int:
-    from .config import load_config
+    config = load_config(args.config)
     from .job import probe_teacher
     from .spec.split import trace_model
 
-    config = load_config(args.config)
     _, sample, model = probe_teacher(config, weights=False)  # only shapes matter here
     traced = trace_model(model, sample)
     default = set(traced.default_positions())
@@ -188,12 +191,14 @@ def _nni_meta(args: argparse.Namespace) -> int:
 
 
 def _nni_space(args: argparse.Namespace) -> int:
+    from .nni.jobconfig import resolve_config, structure_config
+
+    config = structure_config(resolve_config(args.config))
     from .job import build_job
-    from .nni.evaluator import resolve_config, structure_config
     from .nni.space import legacy_search_space
     from .spaces.dna import path_choices
 
-    choices = path_choices(list(build_job(structure_config(resolve_config(args.config))).space.blocks))
+    choices = path_choices(list(build_job(config).space.blocks))
     text = json.dumps(legacy_search_space(choices), indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
@@ -223,7 +228,6 @@ def _set_threads(threads: Optional[int]) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    _warm_workers()
     from .demo import format_summary, run_demo
 
     summary = run_demo(args.config, args.out, workers=args.workers, finetune_epochs=args.finetune_epochs,
@@ -233,10 +237,23 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from .library import load_manifest
+
+    load_manifest(args.directory)  # a folder without a library fails before matplotlib loads
     from .report.report import write_report
 
     print(write_report(args.directory, args.out))
     return 0
+
+
+def _version() -> str:
+    """The installed distribution's version (the package's own when it runs from a source tree)."""
+    try:
+        return importlib.metadata.version("nni-pipebd")
+    except importlib.metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
 
 
 def _int_list(text: str, flag: str) -> List[int]:
@@ -248,6 +265,7 @@ def _int_list(text: str, flag: str) -> List[int]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nni-pipebd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("-v", "--verbose", "--debug", action="store_true",
                         help="debug logging, third-party warnings, and the full traceback of an error")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")

@@ -11,6 +11,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .data.names import DATASET_NAMES, torchvision_names
+
 __all__ = [
     "ConfigError", "TeacherConfig", "StudentConfig", "ModelConfig", "DataConfig",
     "DistillConfig", "ExecutionConfig", "Config", "load_config",
@@ -464,7 +466,6 @@ _CHOICES = {
     "execution.placement": ("free", "stages"),
     "execution.grad_sync": ("flat", "ddp"),
 }
-_DATA_NAMES = ("digits", "synthetic", "cifar10", "imagefolder")
 _POSITIVE = (
     "model.teacher.num_classes", "model.teacher.train_epochs", "data.image_size", "data.channels", "data.batch_size",
     "data.num_samples", "distill.epochs", "distill.paths_per_step", "distill.patience", "execution.workers",
@@ -567,12 +568,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"data.name = {config.data.name!r} and data.class_path = {config.data.class_path!r} both "
                           "set; give one of them")
     name = config.data.name
-    if name is not None and name not in _DATA_NAMES:
-        from .data.datasets import torchvision_datasets
-
-        if name.lower() not in torchvision_datasets():
-            raise ConfigError(f"data.name = {name!r} is not valid; choose one of {list(_DATA_NAMES)}, a torchvision "
-                              f"data set with a train flag or split (e.g. MNIST, SVHN), or set data.class_path")
+    if name is not None and name not in DATASET_NAMES and name.lower() not in torchvision_names():
+        raise ConfigError(f"data.name = {name!r} is not valid; choose one of {list(DATASET_NAMES)}, a torchvision "
+                          f"data set with a train flag or split (e.g. MNIST, SVHN), or set data.class_path")
     if config.data.init_args and config.data.class_path is None:
         raise ConfigError(f"data.init_args = {config.data.init_args!r} is set without data.class_path")
     if config.data.name in ("cifar10", "imagefolder") and config.data.root is None:

@@ -6,15 +6,13 @@ import logging
 import resource
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
-
-import torch
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 from .config import Config, load_config
-from .executors.launch import train
-from .job import build_job
 from .library import atomic_save
-from .spec.pretrain import prepare_teacher
+
+if TYPE_CHECKING:
+    from .search.inputs import FinetuneSettings, RankingSettings
 
 __all__ = ["DEFAULT_CONFIG", "run_demo", "format_summary"]
 
@@ -73,23 +71,36 @@ def run_demo(config_path: Union[str, Path, None] = None, out: Union[str, Path] =
         What ``summary.json`` holds: ``teacher``, ``library``, ``architecture``, ``budget``, ``student``, ``speed``,
         ``times_s``, ``time_s`` and where the outputs are.
     """
+    from .search.inputs import FinetuneSettings, RankingSettings
+
     if not 0 < budget_ratio:
         raise ValueError(f"budget_ratio = {budget_ratio!r} must be > 0 (the search budget is budget_ratio x the "
                          "teacher's parameters), e.g. 0.6")
+    ranking = RankingSettings(calib_batches=calib_batches)
+    settings = FinetuneSettings(epochs=finetune_epochs, calib_batches=calib_batches)
     config_path = Path(config_path) if config_path is not None else DEFAULT_CONFIG
     config = load_config(config_path)
+    config.replace(execution={"executor": "pipebd", "workers": workers})  # workers checked before torch loads
+    from .executors.forkserver import start_server
+
+    start_server()  # the workers' fork server imports torch and NNI beside this process's own imports
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(threads or config.execution.threads_per_worker or 1)
     try:
-        return _run(config, Path(out), workers, budget_ratio, finetune_epochs, calib_batches, progress, overwrite)
+        return _run(config, Path(out), workers, budget_ratio, ranking, settings, progress, overwrite)
     finally:
         torch.set_num_threads(before)
 
 
-def _run(config: Config, out: Path, workers: int, budget_ratio: float, finetune_epochs: int, calib_batches: int,
-         progress: bool, overwrite: bool) -> Dict[str, Any]:
+def _run(config: Config, out: Path, workers: int, budget_ratio: float, ranking: "RankingSettings",
+         settings: "FinetuneSettings", progress: bool, overwrite: bool) -> Dict[str, Any]:
+    from .executors.launch import train
+    from .job import build_job
     from .report.report import write_report
-    from .search import FinetuneSettings, RankingSettings, finetune, rank_library, search_library
+    from .search import finetune, rank_library, search_library
+    from .spec.pretrain import prepare_teacher
 
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     times: Dict[str, float] = {}
@@ -116,7 +127,6 @@ def _run(config: Config, out: Path, workers: int, budget_ratio: float, finetune_
 
     _logger.info("[4/7] DNA ranking of every block's paths")
     tic = time.perf_counter()
-    ranking = RankingSettings(calib_batches=calib_batches)
     scores = rank_library(library, ranking)
     times["ranking"] = time.perf_counter() - tic
 
@@ -129,14 +139,13 @@ def _run(config: Config, out: Path, workers: int, budget_ratio: float, finetune_
     best = search["architectures"][0]
     times["search"] = time.perf_counter() - tic
 
-    _logger.info("[6/7] the best architecture from the library's blocks, then finetuned (%d epochs)", finetune_epochs)
+    _logger.info("[6/7] the best architecture from the library's blocks, then finetuned (%d epochs)", settings.epochs)
     tic = time.perf_counter()
-    result = finetune(library, best["sample"], FinetuneSettings(epochs=finetune_epochs, calib_batches=calib_batches),
-                      out=library / "finetune.json")
+    result = finetune(library, best["sample"], settings, out=library / "finetune.json")
     times["finetune"] = time.perf_counter() - tic
 
-    summary = _summary(config, cached, pipe, speed, budget, budget_ratio, best, result, finetune_epochs,
-                       calib_batches)
+    summary = _summary(config, cached, pipe, speed, budget, budget_ratio, best, result, settings.epochs,
+                       ranking.calib_batches)
     summary.update({"out": str(out), "library_dir": str(library), "logs": str(library / "logs")})
     _logger.info("[7/7] report")
     tic = time.perf_counter()
@@ -158,6 +167,8 @@ def _cpu_seconds() -> float:
 
 def _speed_runs(config: Config, folder: Path, workers: int, overwrite: bool, progress: bool) -> Dict[str, Any]:
     """Pipe-BD and dp on the same short fixed run: ``SPEED_EPOCHS`` epochs, every block trained to the end."""
+    from .executors.launch import train
+
     short = config.replace(distill={"epochs": SPEED_EPOCHS, "until": "epochs"})
     runs = {}
     for name, execution in (("pipebd", {"executor": "pipebd", "workers": workers}),

@@ -1,4 +1,8 @@
-"""The block library on disk: ``library.json`` (config, per-block losses, counters) and ``block_{i}.pt``."""
+"""The block library on disk: ``library.json`` (config, per-block losses, counters) and ``block_{i}.pt``.
+
+Reading and checking ``library.json`` needs no torch (the CLI checks a library folder before importing it); torch
+loads where a tensor file is written or read.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional, Tuple, Union
 
-import torch
+from .config import Config
 
-__all__ = ["FORMAT", "LibraryError", "atomic_save", "block_path", "write_manifest", "load_manifest",
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["FORMAT", "LibraryError", "atomic_save", "block_path", "write_manifest", "load_manifest", "read_library",
            "random_teacher_warning", "save_object_file", "load_object_file",
            "load_block"]
 
@@ -38,6 +45,8 @@ def atomic_save(obj: Any, path: Union[str, Path]) -> None:
                 json.dump(obj, f, indent=2, sort_keys=False)
                 f.write("\n")
         else:
+            import torch
+
             torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -79,6 +88,20 @@ def load_manifest(directory: Union[str, Path]) -> Dict[str, Any]:
     return manifest
 
 
+def read_library(directory: Union[str, Path]) -> Tuple[Dict[str, Any], Config]:
+    """``library.json`` of ``directory`` and the job it was trained with, both checked; no torch needed.
+
+    Raises
+    ------
+    LibraryError
+        The folder holds no finished library, or its ``library.json`` is unreadable.
+    nni_pipebd.config.ConfigError
+        The library's config is not valid (e.g. written by a version with other keys).
+    """
+    manifest = load_manifest(directory)
+    return manifest, Config.from_dict(manifest["config"], manifest["base_dir"])
+
+
 def random_teacher_warning(manifest: Dict[str, Any]) -> Optional[str]:
     """A warning when the library was distilled from a randomly initialised teacher (``pretrained: false``)."""
     if manifest["config"]["model"]["teacher"].get("pretrained", True):
@@ -89,6 +112,8 @@ def random_teacher_warning(manifest: Dict[str, Any]) -> Optional[str]:
 
 def load_block(directory: Union[str, Path], index: int) -> Dict[str, torch.Tensor]:
     """The student ``state_dict`` of block ``index``."""
+    import torch
+
     path = block_path(directory, index)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -121,6 +146,8 @@ def save_object_file(obj: Any, folder: Union[str, Path], stem: str) -> Path:
     import hashlib
     import io
 
+    import torch
+
     buffer = io.BytesIO()
     try:
         torch.save(obj, buffer)
@@ -151,6 +178,8 @@ def load_object_file(path: Union[str, Path], what: str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {str(path)!r} does not exist; write it with torch.save(obj, path)")
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # unpickling raises many types: a missing class is AttributeError/ModuleNotFoundError

@@ -225,3 +225,89 @@ def test_known_warnings_hidden_and_others_kept():
     assert shown("something else went wrong", RuntimeWarning, nni_layers)  # NNI's other warnings stay visible
     assert shown("old API", FutureWarning, "custom_teacher")  # so do the user's own and ours
     assert shown("old API", FutureWarning, "nni_pipebd.job")
+
+
+_PROBE = """
+import contextlib, io, json, logging, sys
+from nni_pipebd.cli import main
+
+HEAVY = ("torch", "torchvision", "nni", "pytorch_lightning", "lightning")
+rows = []
+for argv in json.loads(sys.argv[1]):
+    logging.root.handlers.clear()  # main configures logging again, onto this command's stderr
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main(argv)
+        except SystemExit as stop:  # --help, --version
+            status = stop.code
+    rows.append({"status": status, "stdout": out.getvalue(), "stderr": err.getvalue(),
+                 "heavy": [name for name in HEAVY if name in sys.modules]})
+print(json.dumps(rows))
+"""
+
+
+def test_errors_before_heavy_imports(tmp_path):
+    """Bad arguments, configs and library folders fail, one line and exit 2, before torch, torchvision, NNI or
+    Lightning is imported; ``--help`` and ``--version`` too (one fresh interpreter runs every command in turn)."""
+    import importlib.metadata
+    import re
+    import subprocess
+    import sys
+
+    from conftest import tiny_config
+
+    def job(name, text):
+        (tmp_path / name).write_text(text)
+        return str(tmp_path / name)
+
+    library = tmp_path / "lib"  # a library.json that checks (a fake library: nothing here loads its blocks)
+    library.mkdir()
+    (library / "library.json").write_text(json.dumps({"format": "nni_pipebd.library/1", "base_dir": str(tmp_path),
+                                                      "config": tiny_config(tmp_path).to_dict()}))
+    good = str(tmp_path / "good.yaml")
+    Path(good).write_text(yaml.safe_dump(tiny_config(tmp_path).to_dict()))
+    nolib = str(tmp_path / "nolib")
+    errors = [
+        (["train", job("typo.yaml", "model: {}\ndistil: {}\n")], r"ConfigError: unknown key 'distil' in the config"),
+        (["blocks", job("type.yaml", "data: {batch_size: '32'}\n")],
+         r"ConfigError: data\.batch_size = '32' has type str; expected int"),
+        (["profile", job("range.yaml", "distill: {min_improvement: 1.5}\n")],
+         r"ConfigError: distill\.min_improvement = 1\.5 must be in \[0, 1\)"),
+        (["plan", job("both.yaml", "execution: {plan: p.json, boundaries: [0, 2]}\n"), "--workers", "2"],
+         r"ConfigError: execution\.plan = 'p\.json' and execution\.boundaries = \[0, 2\] both set"),
+        (["nni-space", job("name.yaml", "data: {name: MNST, root: x}\n")],
+         r"ConfigError: data\.name = 'MNST' is not valid; choose one of \['digits'"),
+        (["demo", "--config", str(tmp_path / "absent.yaml")], r"ConfigError: config file .*absent\.yaml' does not exist"),
+        (["demo", "--workers", "0"], r"ConfigError: execution\.workers = 0 must be > 0"),
+        (["train", good, "--boundaries", "0,x"], r"ValueError: --boundaries '0,x' must be comma-separated integers"),
+        (["train", good, "--resume", "a", "--out", "b"], r"ValueError: --resume a and --out b name different folders"),
+        (["train", good, "--memory-limit", "-1"], r"ConfigError: execution\.memory_limit_mb = -1\.0 must be > 0"),
+        (["search", nolib, "--budget", "params=1X"], r"BudgetError: budget 'params=1X': '1X' is not a non-negative"),
+        (["search", nolib, "--budget", "params=1M"], r"LibraryError: .*nolib holds no library\.json"),
+        (["search", str(library), "--budget", "params=1M", "--max-paths", "0"],
+         r"SearchError: ranking setting max_paths = 0 must be an int >= 1"),
+        (["finetune", nolib, "--epochs", "-1"], r"SearchError: finetune setting epochs = -1 must be an int >= 0"),
+        (["finetune", str(library), "--arch", str(tmp_path / "absent.json")],
+         r"SearchError: architecture file .*absent\.json' does not exist"),
+        (["report", nolib], r"LibraryError: .*nolib holds no library\.json"),
+    ]
+    light = [["--help"], ["--version"], ["train", "--help"], ["nni-meta"]]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", _PROBE, json.dumps([argv for argv, _ in errors] + light)],
+                          cwd=tmp_path, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    for (argv, match), row in zip(errors, rows):
+        lines = row["stderr"].splitlines()
+        assert row["status"] == 2 and len(lines) == 1 and re.search(r" ERROR nni_pipebd: " + match, lines[0]), \
+            (argv, row)
+        assert not row["heavy"], (argv, row["heavy"])
+    help_, version, train_help, meta = rows[len(errors):]
+    assert help_["status"] == 0 and "{train,blocks,profile,plan,demo,report,search,finetune" in help_["stdout"]
+    assert version["status"] == 0 and version["stdout"] == f"nni-pipebd {importlib.metadata.version('nni-pipebd')}\n"
+    assert train_help["status"] == 0 and "--resume DIR" in train_help["stdout"]
+    assert meta["status"] == 0 and meta["stdout"].strip().endswith("nni_meta.yml")
+    assert not rows[-1]["heavy"], rows[-1]["heavy"]
+    assert not Path(nolib).exists()  # report made no folder for a library that is not there

@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, ImageFolder
 
+from .names import DATASET_NAMES
+
 if TYPE_CHECKING:
     from nni_pipebd.config import DataConfig
 
@@ -26,7 +28,6 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-DATASET_NAMES = ("digits", "synthetic", "cifar10", "imagefolder")
 SPLITS = ("train", "val")
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

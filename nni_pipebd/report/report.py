@@ -141,9 +141,9 @@ def write_report(directory: Union[str, Path], out: Union[str, Path, None] = None
     """Write ``report.md`` (and its PNGs) for the run in ``directory`` (a block library, maybe with trace.json,
     plan.json, scores.json and search.json); returns the Markdown path."""
     directory = Path(directory)
+    manifest = load_manifest(directory)  # before the folder is made: a wrong directory leaves nothing behind
     out = Path(out) if out is not None else directory / "report"
     out.mkdir(parents=True, exist_ok=True)
-    manifest = load_manifest(directory)
     lines = [f"# nni_pipebd run report: `{directory}`", ""]
     warning = random_teacher_warning(manifest)
     if warning:

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .costs import METRICS, Budget, fits, slack_limit
+from .inputs import METRICS, Budget, fits, slack_limit
 from .errors import InfeasibleBudgetError, SearchError
 
 __all__ = ["NORMALIZATIONS", "Candidate", "normalized_scores", "solve_top_k", "dna_search", "architecture_costs"]

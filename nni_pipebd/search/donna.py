@@ -13,7 +13,7 @@ import numpy as np
 
 from ..library import atomic_save
 from .constrained import architecture_costs
-from .costs import METRICS, Budget, fits
+from .inputs import METRICS, Budget, fits
 from .errors import InfeasibleBudgetError, SearchError
 from .finetune import FinetuneSettings, finetune
 from .loaded import LoadedLibrary, open_library

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Union
 
 import torch
 from torch import nn
 
 from ..data.datasets import make_loader
 from ..library import atomic_save
-from ..lightning.options import TrainerOptions, check_trainer_options
 from ..plan.cost import forward_macs
 from .costs import count_params, measure_latency_ms
-from .errors import SearchError
+from .inputs import FinetuneSettings, architecture_id, load_architecture
 from .loaded import LoadedLibrary, calib_batches, check_sample, open_library, recalibrate_bn, resolve_device
 
 __all__ = ["FINETUNE_FORMAT", "FinetuneSettings", "FinetuneError", "build_network", "finetune", "load_architecture",
@@ -28,9 +25,6 @@ __all__ = ["FINETUNE_FORMAT", "FinetuneSettings", "FinetuneError", "build_networ
 _logger = logging.getLogger(__name__)
 
 FINETUNE_FORMAT = "nni_pipebd.finetune/1"
-_MODES = ("kd", "labels")
-_INITS = ("library", "scratch")
-_OPTIMIZERS = ("adam", "sgd")
 
 LOGS = "logs"
 """Folder of a library that holds the Lightning logs and checkpoints of finetuning runs (``logs/finetune_<id>``)."""
@@ -38,118 +32,6 @@ LOGS = "logs"
 
 class FinetuneError(RuntimeError):
     """Finetuning diverged (non-finite loss)."""
-
-
-@dataclass(frozen=True)
-class FinetuneSettings:
-    """End-to-end training of a built architecture.
-
-    Parameters
-    ----------
-    epochs : int
-        Passes over the training split.
-    mode : str
-        ``kd``: ``kd_weight * T^2 * KL(teacher || student at temperature T) + (1 - kd_weight) * CE(labels)``;
-        ``labels``: cross-entropy on labels only.
-    temperature, kd_weight : float
-        Knowledge-distillation temperature and weight.
-    optimizer : str
-        ``adam`` or ``sgd`` (momentum 0.9, Nesterov).
-    lr, weight_decay : float
-        Optimizer settings; the learning rate follows a cosine schedule to 0 over all steps.
-    batch_size : int, optional
-        Default: the library's ``data.batch_size``.
-    max_steps_per_epoch : int, optional
-        Cut every epoch after this many steps (quick runs, tests).
-    init : str
-        ``library`` (the library's block weights) or ``scratch`` (re-initialised, for comparison).
-    calib_batches : int
-        Training batches re-estimating BatchNorm statistics of the built network before it is first evaluated.
-    seed : int
-        Data order, ``seed_everything`` of the Lightning run (and the initialisation with ``init: scratch``).
-    precision : str
-        Lightning precision, e.g. ``32-true`` or ``bf16-mixed`` (see :data:`~nni_pipebd.lightning.options.PRECISIONS`).
-    devices : int
-        Devices finetuning in data parallel (each takes its shard of every global batch).
-    strategy : str
-        Lightning strategy (``auto``: one device, or ``ddp_spawn`` with several; see
-        :data:`~nni_pipebd.lightning.options.STRATEGIES`).
-    """
-
-    epochs: int = 1
-    mode: str = "kd"
-    temperature: float = 4.0
-    kd_weight: float = 0.9
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: Optional[int] = None
-    max_steps_per_epoch: Optional[int] = None
-    init: str = "library"
-    calib_batches: int = 4
-    seed: int = 0
-    precision: str = "32-true"
-    devices: int = 1
-    strategy: str = "auto"
-
-    def __post_init__(self) -> None:
-        for name, valid in (("mode", _MODES), ("init", _INITS), ("optimizer", _OPTIMIZERS)):
-            if getattr(self, name) not in valid:
-                raise SearchError(f"finetune setting {name} = {getattr(self, name)!r} is not valid; "
-                                  f"choose one of {list(valid)}")
-        if not isinstance(self.epochs, int) or self.epochs < 0:
-            raise SearchError(f"finetune setting epochs = {self.epochs!r} must be an int >= 0 (0: evaluate only)")
-        if not self.lr > 0 or not self.temperature > 0 or not 0 <= self.kd_weight <= 1:
-            raise SearchError(f"finetune settings need lr > 0, temperature > 0 and 0 <= kd_weight <= 1; got "
-                              f"lr={self.lr!r}, temperature={self.temperature!r}, kd_weight={self.kd_weight!r}")
-        for name in ("batch_size", "max_steps_per_epoch"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise SearchError(f"finetune setting {name} = {value!r} must be an int >= 1 (or None)")
-        problem = check_trainer_options(self.precision, self.devices, self.strategy)
-        if problem:
-            raise SearchError(f"finetune setting {problem}")
-
-    def trainer_options(self, device: str = "cpu") -> TrainerOptions:
-        """Lightning options of finetuning on ``device`` (``auto``, ``cpu`` or ``cuda``)."""
-        return TrainerOptions.for_device(device, devices=self.devices, precision=self.precision,
-                                         strategy=self.strategy)
-
-
-def architecture_id(sample: Mapping[str, Any]) -> str:
-    """A short stable id of an architecture (first 10 hex digits of the SHA-1 of its sorted JSON)."""
-    return hashlib.sha1(json.dumps(dict(sample), sort_keys=True).encode()).hexdigest()[:10]
-
-
-def load_architecture(source: Union[str, Path, Mapping[str, Any]]) -> Dict[str, Any]:
-    """The NNI sample dict in ``source``: a JSON file (or already-parsed data) holding a sample dict, one
-    search result (``{"sample": ...}``) or a search output (``{"architectures": [...]}``, the first is taken).
-
-    Raises
-    ------
-    SearchError
-        The file is missing, not JSON, or holds none of these forms.
-    """
-    where = "the architecture"
-    data: Any = source
-    if isinstance(source, (str, Path)):
-        where = str(source)
-        try:
-            data = json.loads(Path(source).read_text())
-        except FileNotFoundError:
-            raise SearchError(f"architecture file {where!r} does not exist") from None
-        except json.JSONDecodeError as err:
-            raise SearchError(f"architecture file {where!r} is not valid JSON ({err})") from None
-    if isinstance(data, Mapping) and "architectures" in data:
-        if not data["architectures"]:
-            raise SearchError(f"{where} holds an empty list of architectures; search with a larger budget")
-        data = data["architectures"][0]
-    if isinstance(data, Mapping) and "sample" in data:
-        data = data["sample"]
-    if not isinstance(data, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-        raise SearchError(f"{where} must hold an NNI sample dict ({{label: candidate}}), a search result with "
-                          f"'sample', or a search output with 'architectures'; got {str(data)[:200]}")
-    return dict(data)
 
 
 def build_network(library: LoadedLibrary, sample: Mapping[str, Any]) -> nn.Module:

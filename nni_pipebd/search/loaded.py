@@ -17,7 +17,7 @@ from ..config import Config
 from ..data.datasets import build_dataset, make_loader
 from ..data.order import BatchOrder
 from ..job import Job, build_job
-from ..library import block_path, load_block, load_manifest, random_teacher_warning
+from ..library import block_path, load_block, random_teacher_warning, read_library
 from .errors import ArchitectureError
 
 __all__ = ["LoadedLibrary", "open_library", "check_sample", "recalibrate_bn", "val_batches", "calib_batches",
@@ -84,11 +84,10 @@ def open_library(directory: Union[str, Path]) -> LoadedLibrary:
         A block file does not fit the rebuilt student block (the config changed since training).
     """
     directory = Path(directory)
-    manifest = load_manifest(directory)
+    manifest, config = read_library(directory)
     warning = random_teacher_warning(manifest)
     if warning:
         _logger.warning("%s: %s", directory, warning)
-    config = Config.from_dict(manifest["config"], manifest["base_dir"])
     job = build_job(config)
     if job.num_blocks != manifest["num_blocks"]:
         raise RuntimeError(f"{directory}: library.json lists {manifest['num_blocks']} blocks but its config builds "

@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -18,7 +18,7 @@ import torch
 from ..distill.loss import get_loss
 from ..library import atomic_save
 from .costs import module_costs
-from .errors import SearchError
+from .inputs import RankingSettings
 from .loaded import (LoadedLibrary, calib_batches, library_fingerprint, open_library, recalibrate_bn, relay,
                      resolve_device, val_batches)
 
@@ -28,43 +28,6 @@ _logger = logging.getLogger(__name__)
 
 SCORES = "scores.json"
 SCORES_FORMAT = "nni_pipebd.scores/1"
-
-
-@dataclass(frozen=True)
-class RankingSettings:
-    """How paths are scored; ``scores.json`` is reused only when these (and the block files) match.
-
-    Parameters
-    ----------
-    max_paths : int
-        A block with at most this many paths is scored exhaustively; a larger one on a uniform sample of this
-        many distinct paths drawn from ``numpy.random.default_rng([seed, block])``.
-    val_batches : int, optional
-        Validation batches (of ``data.batch_size``) the scores average over; ``None`` = the whole split.
-    calib_batches : int
-        Training batches run in train mode (``momentum=None``, no grad) to re-estimate BatchNorm statistics of
-        each path before it is scored.
-    seed : int
-        Seeds the path sample and the calibration batches.
-    latency_runs : int
-        Timed runs per path for the CPU latency at batch 1 (median); 0 skips latency.
-    """
-
-    max_paths: int = 64
-    val_batches: Optional[int] = 8
-    calib_batches: int = 4
-    seed: int = 0
-    latency_runs: int = 5
-
-    def __post_init__(self) -> None:
-        for name in ("max_paths", "calib_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SearchError(f"ranking setting {name} = {value!r} must be an int >= 1")
-        if self.val_batches is not None and (not isinstance(self.val_batches, int) or self.val_batches < 1):
-            raise SearchError(f"ranking setting val_batches = {self.val_batches!r} must be an int >= 1 or None")
-        if not isinstance(self.latency_runs, int) or self.latency_runs < 0:
-            raise SearchError(f"ranking setting latency_runs = {self.latency_runs!r} must be an int >= 0")
 
 
 def block_paths(choices: Mapping[str, Sequence[str]], max_paths: int, seed: int,

@@ -7,16 +7,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-from ..library import atomic_save
-from .constrained import dna_search
-from .costs import Budget, parse_budget
-from .donna import AccuracyPredictor, donna_search, fit_predictor
+from ..library import atomic_save, read_library
 from .errors import SearchError
-from .finetune import FinetuneSettings
-from .loaded import open_library
-from .ranking import RankingSettings, rank_library
+from .inputs import Budget, FinetuneSettings, RankingSettings, parse_budget
 
-__all__ = ["SEARCH_FORMAT", "METHODS", "search_library"]
+__all__ = ["SEARCH_FORMAT", "METHODS", "check_search", "search_library"]
 
 _logger = logging.getLogger(__name__)
 
@@ -45,11 +40,12 @@ def search_library(directory: Union[str, Path], method: str, budget: Union[Budge
         ``architectures`` (best first; each has ``sample``, an NNI sample dict, and ``cost``), for ``donna`` also
         ``predictor``; written to ``out`` as JSON when given (atomically).
     """
-    if method not in METHODS:
-        raise SearchError(f"search method {method!r} is not valid; choose one of {list(METHODS)}")
-    budget = parse_budget(budget) if isinstance(budget, str) else budget
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise SearchError(f"top-k = {top_k!r} must be an int >= 1")
+    budget = check_search(directory, method, budget, top_k)
+    from .constrained import dna_search
+    from .donna import AccuracyPredictor, donna_search, fit_predictor
+    from .loaded import open_library
+    from .ranking import rank_library
+
     start = time.perf_counter()
     directory = Path(directory)
     library = open_library(directory)
@@ -80,3 +76,30 @@ def search_library(directory: Union[str, Path], method: str, budget: Union[Budge
     if out is not None:
         atomic_save(result, out)
     return result
+
+
+def check_search(directory: Union[str, Path], method: str, budget: Union[Budget, str],
+                 top_k: Optional[int] = None) -> Budget:
+    """Check a search request without torch (:func:`search_library` starts with it; the CLI calls it first).
+
+    Returns
+    -------
+    Budget
+        ``budget``, parsed when it is text.
+
+    Raises
+    ------
+    SearchError
+        An unknown method, a budget that is not ``METRIC=VALUE`` or a ``top_k`` below 1.
+    nni_pipebd.library.LibraryError
+        ``directory`` holds no finished library (or its ``library.json`` is unreadable).
+    nni_pipebd.config.ConfigError
+        The library's config is no longer valid.
+    """
+    if method not in METHODS:
+        raise SearchError(f"search method {method!r} is not valid; choose one of {list(METHODS)}")
+    budget = parse_budget(budget) if isinstance(budget, str) else budget
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise SearchError(f"top-k = {top_k!r} must be an int >= 1")
+    read_library(directory)
+    return budget
