@@ -1,5 +1,7 @@
 """Shared fixtures: tiny jobs that run in seconds on CPU."""
 
+import subprocess
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,32 @@ def tiny_config(tmp_path=None, **sections) -> Config:
             else:
                 raw[section][key] = value
     return Config.from_dict(raw, tmp_path or ".")
+
+
+@pytest.fixture(autouse=True)
+def _quick_tests_start_no_process(request, monkeypatch):
+    """The quick tier (``pytest -m "not slow"``) stays quick: a test that starts a process (workers, the CLI, NNI,
+    torchrun) is marked ``slow``; one that is not fails here, naming what it started."""
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    started = []
+    start, popen = BaseProcess.start, subprocess.Popen.__init__
+
+    def recorded_start(self, *args, **kwargs):
+        started.append(f"a {type(self).__name__} running {getattr(self, '_target', None)!r}")
+        return start(self, *args, **kwargs)
+
+    def recorded_popen(self, args, *rest, **kwargs):
+        started.append(f"the subprocess {str(args)[:120]}")
+        return popen(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(BaseProcess, "start", recorded_start)
+    monkeypatch.setattr(subprocess.Popen, "__init__", recorded_popen)
+    yield
+    if started:
+        pytest.fail(f"{request.node.nodeid} started {started[0]} (and {len(started) - 1} more) but is not marked "
+                    "slow: mark it @pytest.mark.slow (pytest -m 'not slow' is the quick loop)", pytrace=False)
 
 
 def pytest_runtest_setup(item):

@@ -27,6 +27,7 @@ def digits_config(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_train_digits_reference_then_dp(digits_config, tmp_path, caplog, capsys):
     caplog.set_level(logging.INFO)
     a, b = tmp_path / "A", tmp_path / "B"
@@ -58,6 +59,7 @@ def test_cli_errors_exit_2_with_message(tmp_path, caplog):
     assert "does not exist" in caplog.text
 
 
+@pytest.mark.slow
 def test_train_pipebd_cli_matches_reference(tmp_path):
     from conftest import tiny_config
 
@@ -76,6 +78,7 @@ def test_train_pipebd_cli_matches_reference(tmp_path):
     assert main(["train", str(path), "--executor", "pipebd", "--boundaries", "0,x", "--out", str(b)]) == 2
 
 
+@pytest.mark.slow
 def test_blocks_and_train_with_user_teacher_and_data(tmp_path, capsys):
     """examples/custom: a class_path teacher and a class_path data set, beside a config in the user's folder."""
     import shutil
@@ -157,6 +160,7 @@ def test_every_known_error_is_one_line_exit_2(tmp_path, caplog):
     assert not list(tmp_path.glob("**/library.json"))
 
 
+@pytest.mark.slow
 def test_error_traceback_only_with_debug(tmp_path):
     import subprocess
     import sys
@@ -173,6 +177,7 @@ def test_error_traceback_only_with_debug(tmp_path):
     assert "Traceback" in debug.stderr
 
 
+@pytest.mark.slow
 def test_train_output_is_clean_and_verbose_shows_third_party_warnings(tmp_path):
     """A first run prints our lines only: no third-party warning (lead or spawned workers), each rank's progress line
     once, and where the results lie; ``-v`` shows NNI's import warnings again."""
@@ -247,6 +252,7 @@ print(json.dumps(rows))
 """
 
 
+@pytest.mark.slow
 def test_errors_before_heavy_imports(tmp_path):
     """Bad arguments, configs and library folders fail, one line and exit 2, before torch, torchvision, NNI or
     Lightning is imported; ``--help`` and ``--version`` too (one fresh interpreter runs every command in turn)."""

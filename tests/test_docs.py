@@ -31,6 +31,7 @@ CLASSIFIED = {
     "nni-pipebd demo": PARSE,  # 5-10 minutes (tests/report/test_report.py runs it on a tiny job)
     "python3 -m pip install -e .[test]": INSTALL,
     "python3 -m pytest -q": PYTEST,
+    "python3 -m pytest -q -m not slow": PYTEST,
     "nni-pipebd train CONFIG [--executor reference|dp|ls|pipebd] [--workers W] [--epochs E] [--max-steps S] "
     "[--seed N] [--out DIR] [--overwrite] [--json] [--trace TIMELINE.json] [--boundaries 0,2,4] [--no-decoupled] "
     "[--plan auto|PLAN.json] [--memory-limit MB]": USAGE,
@@ -310,6 +311,7 @@ def workspace(tmp_path_factory):
         yield root
 
 
+@pytest.mark.slow
 def test_run_commands_run(workspace, caplog, capsys):
     """The quick commands, for real and in doc order (quickstart's library serves its search, finetune and report)."""
     import logging

@@ -12,12 +12,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_gpu_check_runs_on_cpu_and_says_so(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA is here: run benchmarks/gpu_check.sh itself (this test proves its CPU mode)")
     out = tmp_path / "results.json"
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--json", str(out)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=850, env={**os.environ, "GPU_CHECK_QUICK": "1"})
+                          text=True, timeout=850, env={**os.environ, "GPU_CHECK_QUICK": "1", "OMP_NUM_THREADS": "1"})
     log = proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, log
     assert "no CUDA" in proc.stdout and "NOT a GPU measurement" in proc.stdout, log

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 _IMPORT_SCRIPTS = """
@@ -17,6 +19,7 @@ main(['--params', {params!r}])
 """
 
 
+@pytest.mark.slow
 def test_benchmark_scripts_and_the_trial_entry_point_print_no_third_party_warning(tmp_path):
     scripts = sorted(str(p) for p in (ROOT / "benchmarks").glob("*.py") if p.name != "docgen.py")
     params = tmp_path / "params.json"

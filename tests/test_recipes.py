@@ -55,6 +55,7 @@ def test_cifar10_recipe(tmp_path, monkeypatch, name):
     assert manifest["num_blocks"] == 6 and manifest["counters"]["samples_per_block"] == 4
 
 
+@pytest.mark.slow
 def test_imagenet_recipe_on_image_folder(tmp_path):
     for split, per_class in (("train", 3), ("val", 1)):
         for label, colour in (("n01", (255, 0, 0)), ("n02", (0, 0, 255))):

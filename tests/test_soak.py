@@ -10,6 +10,7 @@ from soak import soak  # noqa: E402
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_rss_does_not_grow_over_epochs():
     result = soak(epochs=10, workers=2, steps=4)
     assert len(result["ranks"]) == 2

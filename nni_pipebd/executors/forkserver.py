@@ -8,7 +8,7 @@ import threading
 from multiprocessing import forkserver
 from typing import Optional
 
-__all__ = ["ENV", "PRELOAD", "start_method", "start_server", "server_pid", "leave_server"]
+__all__ = ["ENV", "PRELOAD", "start_method", "start_server", "warm_start", "server_pid", "leave_server"]
 
 ENV = "NNI_PIPEBD_START_METHOD"
 """``forkserver`` (the default where the platform has it) or ``spawn`` (every worker imports torch and NNI itself:
@@ -47,6 +47,14 @@ def start_server() -> Optional[int]:
             multiprocessing.set_forkserver_preload([PRELOAD])
         server.ensure_running()
         return server._forkserver_pid
+
+
+def warm_start() -> str:
+    """The ``start_method`` to give ``torch.multiprocessing.start_processes`` (or a ``multiprocessing`` context) for
+    workers that start warm: the server started first, with its preloaded modules (a server that multiprocessing
+    started on its own would import nothing)."""
+    start_server()
+    return start_method()
 
 
 def server_pid() -> Optional[int]:

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from ..config import Config
 from ..precision import check_precision
-from .forkserver import leave_server, start_method, start_server
+from .forkserver import leave_server, server_pid, warm_start
 from .stopping import RunStopped, die_with_parent, ignored_signals
 
 __all__ = ["WorkerError", "resolve_device", "device_kind", "worker_threads", "deterministic_kernels", "join_group",
@@ -123,10 +123,10 @@ def run_processes(fn: Callable[..., None], world: int, args: Sequence[Any], fold
     context = None
     try:
         with ignored_signals():  # the workers start ignoring them, until their own handlers are in place
-            server = start_server()
-            parent = os.getpid() if server is None else server
+            method = warm_start()
+            parent = os.getpid() if method == "spawn" else server_pid()
             context = mp.start_processes(_entry, args=(fn, world, folder, parent, dict(os.environ), tuple(args)),
-                                         nprocs=world, join=False, start_method=start_method())
+                                         nprocs=world, join=False, start_method=method)
         try:
             with watching or nullcontext():
                 while not context.join(timeout=1.0, grace_period=3.0):

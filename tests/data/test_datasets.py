@@ -262,6 +262,7 @@ def _collect(loader):
     return [(images.clone(), labels.clone()) for images, labels in loader]
 
 
+@pytest.mark.slow
 def test_make_loader_fast_path_equals_dataloader_path():
     dataset = build_dataset(DataConfig(name="digits", image_size=8, channels=3), ".", "train")
     order = BatchOrder(len(dataset), batch_size=10, seed=0, max_steps=6)

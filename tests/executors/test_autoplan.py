@@ -20,6 +20,7 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("NNI_PIPEBD_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.mark.slow
 def test_profile_is_measured_once_then_reused(tmp_path, caplog):
     config = tiny_config(tmp_path, distill={"paths_per_step": 2})
     with caplog.at_level(logging.INFO, logger="nni_pipebd.executors.autoplan"):
@@ -36,6 +37,7 @@ def test_profile_is_measured_once_then_reused(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("placement", ["free", "stages"])
+@pytest.mark.slow
 def test_train_plan_auto_matches_reference(tmp_path, placement):
     ref = train(tiny_config(tmp_path), tmp_path / "ref")
     auto = train(tiny_config(tmp_path, execution={"executor": "pipebd", "workers": 2, "plan": "auto",
@@ -47,6 +49,7 @@ def test_train_plan_auto_matches_reference(tmp_path, placement):
     assert ref["num_blocks"] == auto["num_blocks"]
 
 
+@pytest.mark.slow
 def test_plan_cli_json_and_memory_errors(tmp_path, capsys, caplog):
     import yaml
 

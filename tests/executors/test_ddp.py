@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import assert_same_blocks, tiny_config
+from nni_pipebd.executors.forkserver import warm_start
 from nni_pipebd.config import DistillConfig
 from nni_pipebd.distill.trainer import BlockTrainer
 from nni_pipebd.executors.comm import allreduce_gradients, data_parallel
@@ -108,13 +109,15 @@ def _ddp_worker(rank, store):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_sums_the_gradients_of_the_sampled_paths_like_the_flat_all_reduce(tmp_path):
     """Per step: the same loss and gradients as the flat all-reduce, no gradient where no path went (momentum
     leaves those parameters alone), the paths of a step accumulated under ``no_sync`` and summed with the last."""
     mp.start_processes(_ddp_worker, args=(str(tmp_path / "store"),), nprocs=len(ROWS), join=True,
-                       start_method="spawn")
+                       start_method=warm_start())
 
 
+@pytest.mark.slow
 def test_hybrid_plan_with_ddp_matches_reference(tmp_path, reference):
     """Pipe-BD's AHD: blocks 0 and 1 batch-split over ranks 0 and 1, blocks 2-4 on rank 2."""
     from nni_pipebd.plan.plan import Plan, Stage
@@ -128,6 +131,7 @@ def test_hybrid_plan_with_ddp_matches_reference(tmp_path, reference):
     assert manifest["counters"]["teacher_block_forwards_per_sample"] == 5
 
 
+@pytest.mark.slow
 def test_dp_with_ddp_stops_together_and_resumes_to_the_reference(tmp_path, reference, monkeypatch):
     """dp: the leader's stop decision reaches rank 1 only in the all-reduce of loss and flag after DDP's backward;
     both ranks checkpoint the same step, and the resumed run ends at the reference's weights."""

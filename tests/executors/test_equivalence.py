@@ -21,6 +21,7 @@ def run(tmp_path, name, **sections):
     {"kind": "dna"},
     {"kind": "fixed", "path": "k5e2"},
 ])
+@pytest.mark.slow
 def test_dp_one_worker_is_bitwise_reference(tmp_path, student):
     ref, manifest = run(tmp_path, "ref", model={"student": student}, distill={"paths_per_step": 2})
     dp, dp_manifest = run(tmp_path, "dp", model={"student": student}, distill={"paths_per_step": 2},
@@ -37,6 +38,7 @@ def test_dp_one_worker_is_bitwise_reference(tmp_path, student):
 
 
 @pytest.mark.parametrize("workers", [2, 3])  # 8 samples split 4+4 and 3+3+2
+@pytest.mark.slow
 def test_dp_several_workers_match_one_with_sync_bn(tmp_path, workers):
     one, _ = run(tmp_path, "dp1", execution={"executor": "dp", "workers": 1})
     many, manifest = run(tmp_path, "dpn", execution={"executor": "dp", "workers": workers})
@@ -45,6 +47,7 @@ def test_dp_several_workers_match_one_with_sync_bn(tmp_path, workers):
     assert json.loads((many / "library.json").read_text())["executor"] == "dp"
 
 
+@pytest.mark.slow
 def test_dp_per_device_bn_changes_the_math(tmp_path):
     """Without synchronised BN each worker normalises its own half batch (DNA's code): not the reference."""
     sync, _ = run(tmp_path, "sync", execution={"executor": "dp", "workers": 2})
@@ -61,6 +64,7 @@ def test_dp_per_device_bn_changes_the_math(tmp_path):
     (4, None, False),
     (4, [0, 2, 3, 4], True),
 ])
+@pytest.mark.slow
 def test_pipebd_is_bitwise_reference(tmp_path, workers, boundaries, decoupled):
     execution = {"executor": "pipebd", "workers": workers, "boundaries": boundaries, "decoupled": decoupled,
                  "queue_depth": 1 if workers == 3 else 2}
@@ -74,6 +78,7 @@ def test_pipebd_is_bitwise_reference(tmp_path, workers, boundaries, decoupled):
     assert len(pipe_manifest["ranks"]) == workers
 
 
+@pytest.mark.slow
 def test_bf16_pipebd_is_bitwise_bf16_reference_and_close_to_fp32(tmp_path):
     """Invariant 1 holds within a precision: relays travel in bf16 (the teacher's dtype) and change nothing. Against
     fp32, the per-epoch block losses of this run differ by <= 1.7e-3 relative (measured); tolerance 1e-2."""
@@ -91,6 +96,7 @@ def test_bf16_pipebd_is_bitwise_bf16_reference_and_close_to_fp32(tmp_path):
                if v.is_floating_point())  # the library holds fp32 weights
 
 
+@pytest.mark.slow
 def test_channels_last_pipebd_is_bitwise_channels_last_reference(tmp_path):
     ref, manifest = run(tmp_path, "ref", execution={"channels_last": True})
     pipe, pipe_manifest = run(tmp_path, "pipe", execution={"channels_last": True, "executor": "pipebd",
@@ -126,6 +132,7 @@ def test_nccl_relays_on_cuda_are_bitwise_reference(tmp_path, precision):
 
 
 @pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.slow
 def test_pipebd_fixed_student_is_bitwise_reference(tmp_path, workers):
     student = {"kind": "fixed", "path": "k3e2"}
     ref, _ = run(tmp_path, "ref", model={"student": student})
@@ -135,6 +142,7 @@ def test_pipebd_fixed_student_is_bitwise_reference(tmp_path, workers):
 
 
 @pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.slow
 def test_ls_is_bitwise_reference(tmp_path, workers):
     ref, _ = run(tmp_path, "ref", distill={"paths_per_step": 2})
     ls, manifest = run(tmp_path, "ls", distill={"paths_per_step": 2}, execution={"executor": "ls", "workers": workers})
@@ -147,6 +155,7 @@ def test_ls_is_bitwise_reference(tmp_path, workers):
     [(0, 3, 1), (3, 5, 3)],           # 8 rows split 3+3+2, assembled from one sender
     [(0, 1, 2), (1, 4, 1), (4, 5, 1)],
 ])
+@pytest.mark.slow
 def test_hybrid_plan_matches_reference(tmp_path, stages):
     from nni_pipebd.plan.plan import Plan, Stage
 
@@ -162,6 +171,7 @@ def test_hybrid_plan_matches_reference(tmp_path, stages):
     assert hybrid_manifest["counters"]["samples_loaded_per_sample"] == 1
 
 
+@pytest.mark.slow
 def test_plan_with_single_devices_is_bitwise(tmp_path):
     from nni_pipebd.plan.plan import Plan
 
@@ -189,6 +199,7 @@ def run_config(tmp_path, name, config, **kwargs):
     ({"executor": "pipebd", "workers": 3, "decoupled": False}, True),
     ({"executor": "pipebd", "workers": 2, "plan": "auto"}, False),  # free placement (may split a batch)
 ])
+@pytest.mark.slow
 def test_user_teacher_and_data_every_executor(tmp_path, execution, exact):
     ref, manifest = run_config(tmp_path, "ref", user_config())
     other, other_manifest = run_config(tmp_path, "other", user_config(execution=execution))
@@ -197,6 +208,7 @@ def test_user_teacher_and_data_every_executor(tmp_path, execution, exact):
     assert_same_blocks(ref, other, 4, exact=exact, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torchvision_teacher_outside_the_old_list(tmp_path):
     sections = {"model": {"teacher": {"arch": "shufflenet_v2_x0_5", "kwargs": {}}}, "data": {"image_size": 32}}
     ref, manifest = run(tmp_path, "ref", **sections)
@@ -209,6 +221,7 @@ def test_torchvision_teacher_outside_the_old_list(tmp_path):
     assert_same_blocks(ref, dp, n, exact=False, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_teacher_instance_is_shipped_to_the_workers(tmp_path, monkeypatch):
     from conftest import EXAMPLES
 
@@ -250,6 +263,7 @@ def user_space_reference(tmp_path_factory):
     ({"executor": "pipebd", "workers": 2}, True),
     ({"executor": "pipebd", "workers": 2, "plan": "auto"}, False),  # free placement (may split a batch)
 ])
+@pytest.mark.slow
 def test_user_block_space_every_executor(tmp_path, user_space_reference, execution, exact):
     ref, manifest = user_space_reference
     other, other_manifest = run_config(tmp_path, "other", user_config(model=USER_SPACE, distill={"paths_per_step": 2},
@@ -261,6 +275,7 @@ def test_user_block_space_every_executor(tmp_path, user_space_reference, executi
         assert [b["losses"] for b in other_manifest["blocks"]] == [b["losses"] for b in manifest["blocks"]]
 
 
+@pytest.mark.slow
 def test_python_student_space_is_shipped_to_the_workers(tmp_path, monkeypatch):
     """train(config, out, student=space): the user's own ModelSpace object (blocks = block spaces) is distilled."""
     from conftest import EXAMPLES

@@ -29,6 +29,7 @@ def workers():
     ("raise", r"failed: InjectedFault: injected fault at rank 1, step 2"),
     ("kill", r"died \(signal 9\) — killed, out of memory or crashed"),
 ])
+@pytest.mark.slow
 def test_dead_pipebd_stage_stops_everyone(tmp_path, monkeypatch, kind, cause):
     config = tiny_config(tmp_path, distill={"max_steps_per_epoch": 6},
                          execution={"executor": "pipebd", "workers": 2, "boundaries": [0, 3],

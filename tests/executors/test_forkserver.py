@@ -23,6 +23,7 @@ def _report(rank, world, folder):
         "sigterm": signal.getsignal(signal.SIGTERM) == signal.SIG_IGN}))
 
 
+@pytest.mark.slow
 def test_workers_fork_from_one_server_with_the_environment_of_their_run(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     assert start_method() == "forkserver"
@@ -41,6 +42,7 @@ def test_workers_fork_from_one_server_with_the_environment_of_their_run(tmp_path
     assert start_server() == server  # one server for every run of this process
 
 
+@pytest.mark.slow
 def test_spawned_and_forked_workers_train_the_same_weights(tmp_path, monkeypatch):
     config = tiny_config(tmp_path, execution={"executor": "pipebd", "workers": 2})
     train(config, tmp_path / "forked")

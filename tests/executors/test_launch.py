@@ -35,6 +35,7 @@ def test_existing_library_is_kept_unless_overwrite(tmp_path):
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_dp_under_torchrun_matches_spawn(tmp_path):
     """env:// rendezvous as torchrun sets it up (multi-node capable); same library as local spawn."""
     import subprocess

@@ -18,6 +18,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_nodes_train_the_library_of_one(tmp_path, executor="pipebd"):
     from test_stopping import finish, start
 

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import assert_same_blocks, load_blocks, tiny_config
+from nni_pipebd.executors.forkserver import warm_start
 from nni_pipebd.config import DistillConfig
 from nni_pipebd.distill.trainer import BlockTrainer
 from nni_pipebd.executors.comm import allreduce_path_split
@@ -81,6 +82,7 @@ def _worker(rank, world, folder):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_adam_steps_only_what_some_rank_touched(tmp_path):
     """Two ranks, one path each: the all-reduce sums the gradients, leaves ``grad = None`` where no rank ran
     (Adam neither steps those parameters nor counts a step for them), and carries loss, stop flag and
@@ -90,7 +92,7 @@ def test_adam_steps_only_what_some_rank_touched(tmp_path):
         losses.append(float(trainer.step(x, y)))
     want = _state(trainer, losses)
     assert min(want["steps"]) < STEPS, "some candidate must have been skipped by every path of some step"
-    mp.start_processes(_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method=warm_start())
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["steps"] == want["steps"]
@@ -117,6 +119,7 @@ PATHS_APART = Plan([Phase((Relay(0, 3, (0,)), Relay(3, 5, (1,))),
     (2, PATHS_ON_LINK, {}, {"grad_sync": "ddp"}),
     (3, PATHS_APART, {"optimizer": "adam", "lr": 0.01}, {}),  # 3 paths on 2 ranks: shares of 2 and 1
 ])
+@pytest.mark.slow
 def test_path_split_placements_match_reference(tmp_path, paths, plan, distill, execution):
     distill = {"epochs": 2, "paths_per_step": paths, **distill}
     reference = train(tiny_config(tmp_path, distill=distill), tmp_path / "ref")

@@ -25,6 +25,7 @@ def config(tmp_path, executor, workers):
 
 
 @pytest.mark.parametrize("executor,workers", CASES)
+@pytest.mark.slow
 def test_resume_mid_epoch_is_bitwise(tmp_path, monkeypatch, executor, workers):
     whole = train(config(tmp_path, executor, workers), tmp_path / "whole")
     run = tmp_path / "run"
@@ -88,6 +89,7 @@ def user_space_config(executor, workers):
 
 
 @pytest.mark.parametrize("executor,workers", [("reference", 1), ("pipebd", 2)])
+@pytest.mark.slow
 def test_resume_on_a_user_block_space_is_bitwise(tmp_path, monkeypatch, executor, workers):
     whole = train(user_space_config(executor, workers), tmp_path / "whole")
     run = tmp_path / "run"

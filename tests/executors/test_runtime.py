@@ -32,6 +32,7 @@ def run_plan(tmp_path, plan, **execution):
     return tmp_path / "run", train(config, tmp_path / "run", trace=tmp_path / "trace.json")
 
 
+@pytest.mark.slow
 def test_students_apart_from_their_teacher_blocks_are_bitwise_reference(tmp_path, reference):
     out, manifest = run_plan(tmp_path, APART)
     assert_same_blocks(reference[0], out, 5, exact=True)
@@ -44,6 +45,7 @@ def test_students_apart_from_their_teacher_blocks_are_bitwise_reference(tmp_path
                                                        "rank 2: students [0, 2]"]
 
 
+@pytest.mark.slow
 def test_bf16_students_apart_are_bitwise_bf16_reference(tmp_path):
     """Feeds pack a block's input and output in the wider of their dtypes (block 0: fp32 data in, bf16 out) and
     unpack each in its own: the free plan stays bitwise equal to the reference within bf16."""
@@ -54,6 +56,7 @@ def test_bf16_students_apart_are_bitwise_bf16_reference(tmp_path):
 
 
 @pytest.mark.parametrize("decoupled", [True, False])
+@pytest.mark.slow
 def test_split_links_and_students_match_reference(tmp_path, reference, decoupled):
     out, manifest = run_plan(tmp_path, SPLIT, decoupled=decoupled)
     assert_same_blocks(reference[0], out, 5, exact=False, rtol=1e-4, atol=1e-5)
@@ -64,6 +67,7 @@ def test_split_links_and_students_match_reference(tmp_path, reference, decoupled
 
 
 @pytest.mark.parametrize("name,plan,steps,every", [("split", SPLIT, 3, 1), ("late", APART, 8, 4)])
+@pytest.mark.slow
 def test_stop_reaches_every_rank_of_a_free_plan_and_resume_matches(tmp_path, name, plan, steps, every):
     """The leader's decision travels to its fellow loading rank (which sends on) and with every relay and feed.
     ``late``: the stop falls between checkpoints, where rank 0 has a step of block 3 pending (its teacher block
@@ -93,6 +97,7 @@ def test_stop_reaches_every_rank_of_a_free_plan_and_resume_matches(tmp_path, nam
     assert_same_blocks(tmp_path / "ref", tmp_path / "run", 5, exact=name == "late", rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_late_students_catch_up_at_checkpoints_so_a_failed_run_resumes_bitwise(tmp_path, reference, monkeypatch):
     """Rank 0 trains block 3 one step late; its checkpoints (every 2 steps) hold block 3 caught up, so a run that
     fails between them resumes to the reference's weights bit for bit."""
@@ -111,6 +116,7 @@ def test_late_students_catch_up_at_checkpoints_so_a_failed_run_resumes_bitwise(t
     assert [b["losses"] for b in resumed["blocks"]] == [b["losses"] for b in reference[1]["blocks"]]
 
 
+@pytest.mark.slow
 def test_decoupled_updates_remove_the_per_step_wait(tmp_path, monkeypatch):
     """Ranks slow by turns (rank 0 on even steps, rank 1 on odd ones): with a barrier before every update each step
     waits for the slower rank; decoupled, each rank runs at its own average pace (the trace shows where time went)."""
@@ -137,6 +143,7 @@ def test_decoupled_updates_remove_the_per_step_wait(tmp_path, monkeypatch):
 PLATEAU = {"epochs": 6, "max_steps_per_epoch": 2, "until": "plateau", "patience": 1, "min_improvement": 0.05}
 
 
+@pytest.mark.slow
 def test_blocks_stop_on_their_own_plateau_alike_in_every_executor(tmp_path):
     """Each block stops when its loss stops improving (here blocks stop after 2, 3 and 6 epochs); every layout
     decides alike and trains the same weights — a free plan whose ranks run out of work idles them."""
@@ -154,6 +161,7 @@ def test_blocks_stop_on_their_own_plateau_alike_in_every_executor(tmp_path):
         assert_same_blocks(tmp_path / "ref", tmp_path / name, 5, exact=True)
 
 
+@pytest.mark.slow
 def test_plateau_run_resumes_bitwise(tmp_path, monkeypatch):
     from nni_pipebd.executors.faults import ENV, InjectedFault
     from nni_pipebd.executors.launch import WorkerError

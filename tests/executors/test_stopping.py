@@ -92,6 +92,7 @@ def stopped_steps(out):
 
 
 @pytest.mark.parametrize("how,sig,code", [("group", signal.SIGINT, 130), ("lead", signal.SIGTERM, 143)])
+@pytest.mark.slow
 def test_signal_stops_pipebd_with_checkpoint_and_resume_is_bitwise(tmp_path, how, sig, code):
     config, path = job(tmp_path)
     proc = start(cli("train", str(path), "--out", "run"), tmp_path)
@@ -119,6 +120,7 @@ def test_signal_stops_pipebd_with_checkpoint_and_resume_is_bitwise(tmp_path, how
     assert_same_blocks(tmp_path / "whole", tmp_path / "run", 5, exact=True)
 
 
+@pytest.mark.slow
 def test_second_signal_stops_at_once(tmp_path):
     _, path = job(tmp_path, executor="dp")
     proc = start(cli("train", str(path), "--out", "run"), tmp_path, fault="rank=0,step=2,kind=slow,seconds=30")
@@ -138,6 +140,7 @@ def test_second_signal_stops_at_once(tmp_path):
     assert not (tmp_path / "run" / "library.json").exists()
 
 
+@pytest.mark.slow
 def test_sigkill_of_the_lead_leaves_no_process(tmp_path):
     _, path = job(tmp_path)
     proc = start(cli("train", str(path), "--out", "run"), tmp_path)
@@ -153,6 +156,7 @@ def test_sigkill_of_the_lead_leaves_no_process(tmp_path):
     assert not (tmp_path / "run" / "library.json").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_forwards_sigterm_and_spawn_resumes_bitwise(tmp_path):
     config, path = job(tmp_path, timeout_s=30)
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from nni_pipebd.executors.forkserver import warm_start
 from nni_pipebd.executors.syncbn import (
     GroupBatchNorm2d,
     convert_group_batchnorm,
@@ -193,7 +194,7 @@ def gloo_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list]:
     tmp = tmp_path_factory.mktemp("syncbn")
     data = _make_inputs()
     torch.save(data, tmp / "inputs.pt")
-    mp.start_processes(_worker, args=(WORLD, str(tmp)), nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(WORLD, str(tmp)), nprocs=WORLD, join=True, start_method=warm_start())
     return data, [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -215,6 +216,7 @@ def _concat_rank_steps(per_rank: list) -> list:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.slow  # its fixture starts the gloo workers
 def test_split_batch_matches_full_batch(gloo_results: tuple, scenario: str) -> None:
     data, ranks = gloo_results
     split, momentum, dtype = SCENARIOS[scenario]
@@ -229,6 +231,7 @@ def test_split_batch_matches_full_batch(gloo_results: tuple, scenario: str) -> N
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.slow  # its fixture starts the gloo workers
 def test_one_all_reduce_per_layer_and_pass(gloo_results: tuple, scenario: str) -> None:
     _, ranks = gloo_results
     for r in ranks:
@@ -238,6 +241,7 @@ def test_one_all_reduce_per_layer_and_pass(gloo_results: tuple, scenario: str) -
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.slow  # its fixture starts the gloo workers
 def test_eval_matches_plain_bn(gloo_results: tuple, scenario: str) -> None:
     data, ranks = gloo_results
     _, momentum, dtype = SCENARIOS[scenario]
@@ -250,6 +254,7 @@ def test_eval_matches_plain_bn(gloo_results: tuple, scenario: str) -> None:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow  # its fixture starts the gloo workers
 def test_size_one_subgroups_match_plain_bn_on_shard(gloo_results: tuple) -> None:
     data, ranks = gloo_results
     for rank, r in enumerate(ranks):

@@ -42,6 +42,7 @@ USER_JOB_WITH_SPACE = user_config(model={"student": {"class_path": "custom_space
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_nnictl_create_runs_distillation_search_and_evaluations(tmp_path):
     require_nnictl()
     home, experiments = tmp_path / "home", tmp_path / "experiments"

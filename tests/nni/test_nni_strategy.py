@@ -119,6 +119,7 @@ def test_space_and_budget_are_checked(tmp_path):
 
 
 @pytest.mark.timeout(420)
+@pytest.mark.slow
 def test_dna_on_the_training_service(tmp_path, monkeypatch):
     """The default NasExperiment config: NNI manager, local training service, trials in their own processes."""
     isolate_nni(tmp_path, monkeypatch)
@@ -162,6 +163,7 @@ print("run returned", flush=True)
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_ctrl_c_stops_the_experiment_its_trial_and_workers(tmp_path):
     """Ctrl-C (SIGINT to the foreground process group) during distillation on NNI's training service: the
     experiment stops (NNI manager gone, port free) and no process of the run is left — trial and workers included."""

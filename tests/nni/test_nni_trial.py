@@ -28,6 +28,7 @@ def _progress(since):
     return len([r for r in roles if os.path.getmtime(r) > since]) >= 2
 
 
+@pytest.mark.slow
 def test_trial_stopped_by_sigterm_to_its_tree_resumes_with_reuse(tmp_path):
     config = tiny_config(tmp_path, distill={"epochs": 2, "max_steps_per_epoch": 6},
                          execution={"executor": "pipebd", "workers": 2})  # no checkpoint_every: the stop writes one

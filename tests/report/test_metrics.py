@@ -12,6 +12,7 @@ pytestmark = pytest.mark.timeout(240)
 
 @pytest.mark.parametrize("execution", [{"executor": "reference", "workers": 1},
                                        {"executor": "pipebd", "workers": 2}])
+@pytest.mark.slow
 def test_epochs_reach_the_caller_while_training_runs_and_steps_are_logged(tmp_path, monkeypatch, execution):
     from nni_pipebd.executors.faults import ENV
 
@@ -38,6 +39,7 @@ def test_epochs_reach_the_caller_while_training_runs_and_steps_are_logged(tmp_pa
     assert "step_losses.png" in report.read_text() and (report.parent / "step_losses.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_resumed_run_keeps_the_steps_before_the_stop(tmp_path, monkeypatch):
     from nni_pipebd.executors.faults import ENV, InjectedFault
     from nni_pipebd.executors.launch import WorkerError

@@ -22,6 +22,7 @@ def test_progress_files_and_bars(tmp_path, capsys):
     ProgressWriter(None, 0).update(1, 2)  # a worker without a progress folder writes nothing
 
 
+@pytest.mark.slow
 def test_report_from_a_pipebd_run(tmp_path):
     config = tiny_config(tmp_path, execution={"executor": "pipebd", "workers": 2, "boundaries": [0, 2]})
     out = tmp_path / "lib"
@@ -37,6 +38,7 @@ def test_report_from_a_pipebd_run(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_on_tiny_job(tmp_path, capsys):
     raw = tiny_config(tmp_path).to_dict()
     path = tmp_path / "job.yaml"

@@ -31,6 +31,7 @@ def test_chrome_trace_format(tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_pipebd_trace_has_one_row_per_rank(tmp_path):
     config = tiny_config(tmp_path, execution={"executor": "pipebd", "workers": 2})
     manifest = train(config, tmp_path / "lib", trace=tmp_path / "trace.json")

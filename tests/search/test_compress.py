@@ -16,6 +16,7 @@ SETTINGS = FinetuneSettings(epochs=1, max_steps_per_epoch=2, lr=0.01)
 
 
 @pytest.mark.parametrize("executor, workers", [("reference", 1), ("dp", 2)])
+@pytest.mark.slow
 def test_compress_end_to_end(tmp_path, executor, workers):
     config = tiny_config(tmp_path, model={"student": {"kind": "fixed", "path": "k3e2", "width_mult": 0.5}},
                          execution={"executor": executor, "workers": workers})

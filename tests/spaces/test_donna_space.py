@@ -164,6 +164,7 @@ def test_donna_options_and_errors():
     assert isinstance(tiny_config(model={"student": {"kind": "donna", "expansions": None}}), Config)
 
 
+@pytest.mark.slow
 def test_pipebd_is_bitwise_reference_on_the_donna_space(tmp_path):
     student = {"model": {"student": {"kind": "donna", "kernels": [3, 5], "expansions": [2, 4]}},
                "distill": {"max_steps_per_epoch": 3, "paths_per_step": 2}}
