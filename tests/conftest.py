@@ -46,34 +46,41 @@ def tiny_config(tmp_path=None, **sections) -> Config:
     return Config.from_dict(raw, tmp_path or ".")
 
 
-@pytest.fixture(autouse=True)
-def _quick_tests_start_no_process(request, monkeypatch):
-    """The quick tier (``pytest -m "not slow"``) stays quick: a test that starts a process (workers, the CLI, NNI,
-    torchrun) is marked ``slow``; one that is not fails here, naming what it started."""
-    if request.node.get_closest_marker("slow") is not None:
-        yield
-        return
-    started = []
+_STARTED: list = []
+"""What the test running now started (its fixtures included, whatever their scope): see the hooks below."""
+
+
+def pytest_configure(config):
+    """Record every process this session starts (multiprocessing's and subprocess's), for the quick tier's guard."""
     start, popen = BaseProcess.start, subprocess.Popen.__init__
 
     def recorded_start(self, *args, **kwargs):
-        started.append(f"a {type(self).__name__} running {getattr(self, '_target', None)!r}")
+        _STARTED.append(f"a {type(self).__name__} running {getattr(self, '_target', None)!r}")
         return start(self, *args, **kwargs)
 
     def recorded_popen(self, args, *rest, **kwargs):
-        started.append(f"the subprocess {str(args)[:120]}")
+        _STARTED.append(f"the subprocess {str(args)[:120]}")
         return popen(self, args, *rest, **kwargs)
 
-    monkeypatch.setattr(BaseProcess, "start", recorded_start)
-    monkeypatch.setattr(subprocess.Popen, "__init__", recorded_popen)
+    BaseProcess.start, subprocess.Popen.__init__ = recorded_start, recorded_popen
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item):
+    """The quick tier (``pytest -m "not slow"``) stays quick: a test that starts a process (workers, the CLI, NNI,
+    torchrun), itself or through a fixture of any scope, is marked ``slow``; one that is not fails here, naming
+    what it started."""
     yield
-    if started:
-        pytest.fail(f"{request.node.nodeid} started {started[0]} (and {len(started) - 1} more) but is not marked "
-                    "slow: mark it @pytest.mark.slow (pytest -m 'not slow' is the quick loop)", pytrace=False)
+    started, _STARTED[:] = list(_STARTED), []
+    if started and item.get_closest_marker("slow") is None:
+        pytest.fail(f"{item.nodeid} started {started[0]} (and {len(started) - 1} more) but is not marked slow: mark "
+                    "it @pytest.mark.slow (pytest -m 'not slow' is the quick loop)", pytrace=False)
 
 
 def pytest_runtest_setup(item):
-    """``@pytest.mark.gpu`` (``devices=n``: at least n GPUs) skips cleanly where CUDA or the GPUs are missing."""
+    """``@pytest.mark.gpu`` (``devices=n``: at least n GPUs) skips cleanly where CUDA or the GPUs are missing;
+    processes started from here on (fixtures included) count for ``item`` (:func:`pytest_runtest_teardown`)."""
+    _STARTED.clear()
     marker = item.get_closest_marker("gpu")
     if marker is None:
         return

@@ -268,6 +268,7 @@ def _nnictl_subcommand(command):
     return [w for w in command.words[1:] if not w.startswith("-")][:2 if command.words[1] == "algo" else 1]
 
 
+@pytest.mark.slow
 def test_script_lines_match_the_scripts(help_texts):
     for command in _commands_of(SCRIPT):
         assert command.words[0] in ("python", "python3"), command.text
