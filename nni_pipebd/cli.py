@@ -154,7 +154,7 @@ def _blocks(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     _, sample, model = probe_teacher(config, weights=False)  # only shapes matter here
-    traced = trace_model(model, sample)
+    traced = trace_model(model, sample, config.model.teacher.leaf_modules, config.model.teacher.autowrap_functions)
     default = set(traced.default_positions())
     chosen = set(default if config.model.teacher.boundaries is None else
                  (traced.position(b) for b in config.model.teacher.boundaries))

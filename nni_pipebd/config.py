@@ -70,6 +70,13 @@ class TeacherConfig:
         Where blocks 1..N-1 start: module names as in ``named_modules()`` (e.g. ``[layer2, layer3, layer4, avgpool]``),
         names of functional ops as listed by ``nni-pipebd blocks``, or indices of the model's direct children.
         Default: at every unit that lowers the resolution, with the classifier head as the last block.
+    leaf_modules : list of str
+        Module classes the split's tracing (torch.fx) must not enter, for models with untraceable parts: import paths
+        (``package.module.Class``) or names of classes in the model. A block boundary cannot fall inside one. The
+        model library's own declarations (timm's FX registries) apply without listing them.
+    autowrap_functions : list of str
+        Functions tracing records as one call instead of entering them (e.g. shape arithmetic with ``max``): import
+        paths (``package.module:function``) or names of module-level functions of the model's modules.
     """
 
     arch: Optional[str] = None
@@ -87,6 +94,8 @@ class TeacherConfig:
     train_strategy: str = "auto"
     pretrained: bool = True
     boundaries: Optional[list] = None
+    leaf_modules: list = field(default_factory=list)
+    autowrap_functions: list = field(default_factory=list)
 
 
 @dataclass
@@ -559,6 +568,10 @@ def validate(config: Config) -> None:
     if bad:
         raise ConfigError(f"model.teacher.boundaries = {teacher.boundaries!r}: {bad} are neither module names nor "
                           "child indices")
+    for key in ("leaf_modules", "autowrap_functions"):
+        names = getattr(teacher, key)
+        if not isinstance(names, list) or any(not isinstance(n, str) or not n for n in names):
+            raise ConfigError(f"model.teacher.{key} = {names!r} must be a list of names or import paths")
     if teacher.module is not None and (teacher.checkpoint or teacher.weights):
         raise ConfigError("model.teacher.module holds the weights already; drop checkpoint / weights")
     if config.data.name is not None and config.data.class_path is not None:

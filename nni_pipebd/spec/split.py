@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..plan.cost import layer_macs
+from .tracer import TraceError, resolve_autowrap_functions, resolve_leaf_modules, trace_graph
 
 __all__ = ["SplitError", "SplitPoint", "TracedModel", "trace_model", "split_model"]
 
 Boundary = Union[int, str]
+LeafModule = Union[str, type]
+Function = Union[str, Callable]
 _NEAR = 6
 
 
@@ -46,7 +49,7 @@ class SplitPoint:
 
 
 class TracedModel:
-    """A model traced with :func:`torch.fx.symbolic_trace` and run once on a probe input.
+    """A model traced with torch.fx (:func:`~nni_pipebd.spec.tracer.trace_graph`) and run once on a probe input.
 
     Knows every valid split point (one tensor crossing), which module starts where, and the per-sample shape of
     each value. Build it with :func:`trace_model`.
@@ -330,23 +333,40 @@ class TracedModel:
         return blocks
 
 
-def trace_model(model: nn.Module, sample: torch.Tensor) -> TracedModel:
+def trace_model(model: nn.Module, sample: torch.Tensor, leaf_modules: Sequence[LeafModule] = (),
+                autowrap_functions: Sequence[Function] = ()) -> TracedModel:
     """Trace ``model`` (in eval mode) with torch.fx and propagate ``sample`` to know every value's shape.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; its library's untraceable modules and functions (timm's FX registries) are leaves already.
+    sample : torch.Tensor
+        A small input batch.
+    leaf_modules : sequence of str or type
+        More module classes tracing must not enter: classes, import paths or names of classes in the model
+        (``model.teacher.leaf_modules``).
+    autowrap_functions : sequence of str or callable
+        More functions recorded as one node: functions, import paths or names of module-level functions of the
+        model's modules (``model.teacher.autowrap_functions``).
 
     Raises
     ------
     SplitError
-        The forward cannot be traced symbolically (data-dependent control flow, unsupported ops).
+        The forward cannot be traced symbolically (the message names the module and code line where tracing broke
+        and the config key that fixes it), takes more than one input, or fails on ``sample``.
     """
     training = [m.training for m in model.modules()]
     model.eval()
     try:
         try:
-            graph_module = fx.symbolic_trace(model)
-        except Exception as err:  # fx raises TraceError, TypeError, NotImplementedError, ... on untraceable code
-            raise SplitError(f"cannot trace {type(model).__name__}.forward with torch.fx ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0] if str(err) else err!r}); make the forward traceable (no "
-                             "control flow on tensor values) or wrap the untraceable part in a module") from err
+            leaves = [c for c in leaf_modules if isinstance(c, type)] + resolve_leaf_modules(
+                model, [c for c in leaf_modules if not isinstance(c, type)])
+            functions = [f for f in autowrap_functions if callable(f)] + resolve_autowrap_functions(
+                model, [f for f in autowrap_functions if not callable(f)])
+            graph_module = trace_graph(model, leaves, functions)
+        except TraceError as err:
+            raise SplitError(str(err)) from err.__cause__
         inputs = [n.name for n in graph_module.graph.nodes if n.op == "placeholder"]
         if len(inputs) != 1:
             raise SplitError(f"{type(model).__name__}.forward takes {len(inputs)} inputs ({inputs}); blockwise "
@@ -365,19 +385,22 @@ def trace_model(model: nn.Module, sample: torch.Tensor) -> TracedModel:
 
 
 def split_model(model: nn.Module, sample: torch.Tensor,
-                boundaries: Optional[Sequence[Boundary]] = None) -> Tuple[List[nn.Module], List[str]]:
+                boundaries: Optional[Sequence[Boundary]] = None, leaf_modules: Sequence[LeafModule] = (),
+                autowrap_functions: Sequence[Function] = ()) -> Tuple[List[nn.Module], List[str]]:
     """Split ``model`` into blocks whose composition computes exactly ``model(x)``.
 
     Parameters
     ----------
     model : torch.nn.Module
-        Any model whose forward torch.fx can trace, with one input tensor.
+        Any model whose forward torch.fx can trace, with one input tensor (arguments with defaults keep them).
     sample : torch.Tensor
         A small input batch (N, ...) used to find shapes.
     boundaries : sequence of str or int, optional
         The first module of blocks 1..N-1, by name (``named_modules()``, e.g. ``["layer2", "layer3", "fc"]``), by the
         name of a functional op (as listed by :meth:`TracedModel.split_points`), or by index of a direct child.
         Default: :meth:`TracedModel.default_positions`.
+    leaf_modules, autowrap_functions : sequence
+        Module classes tracing must not enter and functions recorded as one node (see :func:`trace_model`).
 
     Returns
     -------
@@ -386,7 +409,7 @@ def split_model(model: nn.Module, sample: torch.Tensor,
     names : list of str
         The boundary names used (one per block after the first).
     """
-    traced = trace_model(model, sample)
+    traced = trace_model(model, sample, leaf_modules, autowrap_functions)
     if boundaries is None:
         positions = traced.default_positions()
     else:
