@@ -209,6 +209,27 @@ def test_torchvision_teacher_outside_the_old_list(tmp_path):
     assert_same_blocks(ref, dp, n, exact=False, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_tf_ported_timm_teacher_every_executor(tmp_path):
+    """A TF-ported timm teacher ("same" padding, traced through timm's FX registries) by class_path: the reference's
+    weights under pipebd (teacher relaying, bitwise) and dp (batches split, allclose). About 60 s per multi-process
+    run on a loaded 2-core machine, so dp and pipebd only (--plan auto is covered on the user teacher above)."""
+    pytest.importorskip("timm")
+    sections = {"model": {"teacher": {"arch": None, "kwargs": {}, "class_path": "timm.create_model",
+                                      "init_args": {"model_name": "tf_mobilenetv3_small_minimal_100",
+                                                    "num_classes": 10}}},
+                "data": {"image_size": 32}, "distill": {"max_steps_per_epoch": 2}}
+    ref, manifest = run(tmp_path, "ref", **sections)
+    n = manifest["num_blocks"]
+    assert n == 6  # conv_stem..blocks.0 | blocks.1 | blocks.2 | blocks.3 | blocks.4 + conv_head | head
+    pipe, pipe_manifest = run(tmp_path, "pipe", execution={"executor": "pipebd", "workers": 2}, **sections)
+    assert_same_blocks(ref, pipe, n, exact=True)
+    assert pipe_manifest["counters"]["teacher_block_forwards_per_sample"] == n
+    dp, _ = run(tmp_path, "dp", execution={"executor": "dp", "workers": 2}, **sections)
+    assert_same_blocks(ref, dp, n, exact=False, rtol=1e-3, atol=1e-4)  # 1x1 maps: see shufflenet's above
+
+
 def test_teacher_instance_is_shipped_to_the_workers(tmp_path, monkeypatch):
     from conftest import EXAMPLES
 
