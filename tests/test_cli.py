@@ -97,6 +97,7 @@ def test_blocks_and_train_with_user_teacher_and_data(tmp_path, capsys):
     out = tmp_path / "lib"
     assert main(["train", str(config), "--max-steps", "2", "--epochs", "1", "--out", str(out)]) == 0
     assert (tmp_path / "teacher.pt").is_file()  # trained on the user's data first (train_if_missing)
+    assert (out / "logs" / "teacher_teacher").is_dir() and not (tmp_path / "logs").exists()  # its logs: the run's
     manifest = json.loads((out / "library.json").read_text())
     assert manifest["num_blocks"] == 4 and manifest["executor"] == "pipebd" and manifest["workers"] == 2
     assert manifest["config"]["data"]["class_path"] == "custom_data:digits"

@@ -47,7 +47,7 @@ def test_cifar10_recipe(tmp_path, monkeypatch, name):
     sys.path.insert(0, str(EXAMPLES / "cifar10"))
     try:
         from train_teacher import main as train_teacher
-        assert train_teacher([str(job), "--epochs", "1"]) == 0
+        assert train_teacher([str(job), "--epochs", "1", "--log-dir", str(tmp_path / "logs")]) == 0
     finally:
         sys.path.remove(str(EXAMPLES / "cifar10"))
     assert (tmp_path / raw["model"]["teacher"]["checkpoint"]).is_file()
