@@ -11,14 +11,17 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..plan.cost import layer_macs
+from ..plan.partition import balanced_boundaries
 from .tracer import TraceError, resolve_autowrap_functions, resolve_leaf_modules, trace_graph
 
-__all__ = ["SplitError", "SplitPoint", "TracedModel", "trace_model", "split_model"]
+__all__ = ["SplitError", "SplitPoint", "TracedModel", "trace_model", "split_model", "REPEATED_BLOCKS"]
 
 Boundary = Union[int, str]
 LeafModule = Union[str, type]
 Function = Union[str, Callable]
 _NEAR = 6
+REPEATED_BLOCKS = 4
+"""Blocks the repeated units (encoder layers) of a model whose resolution never drops form by default, at most."""
 
 
 class SplitError(ValueError):
@@ -102,6 +105,8 @@ class TracedModel:
         if node.op != "call_module":
             return 0
         meta = node.meta.get("tensor_meta")
+        if isinstance(meta, (tuple, list)) and meta and not hasattr(meta, "shape"):  # nn.MultiheadAttention's pair
+            meta = meta[0]
         shape = getattr(meta, "shape", None)
         if shape is None:
             return 0
@@ -261,10 +266,12 @@ class TracedModel:
     def default_positions(self) -> List[int]:
         """Default split: a new block at each unit that reduces the spatial resolution, and the head.
 
-        Resolutions are compared at the cuts where modules start (the outputs forward hooks would see). A unit is the outermost module around a resolution reduction that holds only that reduction and starts and
-        ends at split points. A unit with parameters (a strided convolution block) starts the new block; after a
-        parameter-free one (pooling) the new block starts at the next split point. A reduction in the first unit
-        (the stem) stays in block 0. The classifier head (:meth:`head_start`) is the last block.
+        Resolutions are compared at the cuts where modules start (the outputs forward hooks would see). A unit is the
+        outermost module around a resolution reduction that holds only that reduction and starts and ends at split
+        points. A unit with parameters (a strided convolution block) starts the new block; after a parameter-free one
+        (pooling) the new block starts at the next split point. A reduction in the first unit (the stem) stays in
+        block 0. A model whose resolution never drops (a vision transformer) is split between its repeated units
+        instead (:meth:`repeated_positions`). The classifier head (:meth:`head_start`) is the last block.
         """
         head = self.head_start()
         cuts = [0] + [p for p in range(1, head) if self.valid(p) and self.name_at(p) in self.first] + [head]
@@ -283,7 +290,47 @@ class TracedModel:
                     break
             if 0 < start < head:
                 starts.add(start)
+        if not starts:
+            starts.update(self.repeated_positions(head))
         return sorted(starts) + [head]
+
+    def repeated_units(self, end: int) -> List[str]:
+        """The longest run of sibling modules of one class that follow each other in the forward before ``end``,
+        each after the first starting at a split point (a transformer's encoder layers); ties go to the costlier run.
+        Empty when no class repeats."""
+        siblings: Dict[str, List[str]] = {}
+        for name in self.first:
+            if name in self.modules and name and self.first[name] < end and self.last[name] < end:
+                siblings.setdefault(name.rpartition(".")[0], []).append(name)
+        best: List[str] = []
+
+        def cost(run: List[str]) -> int:
+            return sum(self.node_macs[self.first[run[0]]:self.last[run[-1]] + 1])
+
+        for names in siblings.values():
+            run: List[str] = []
+            for name in sorted(names, key=self.first.__getitem__) + [None]:
+                if name is not None and run and type(self.modules[name]) is type(self.modules[run[-1]]) and \
+                        self.first[name] > self.last[run[-1]] and self.valid(self.first[name]):
+                    run.append(name)
+                    continue
+                if len(run) > 1 and (len(run), cost(run)) > (len(best), cost(best) if best else -1):
+                    best = run
+                run = [] if name is None else [name]
+        return best
+
+    def repeated_positions(self, head: int, blocks: int = REPEATED_BLOCKS) -> List[int]:
+        """Where blocks 1..k-1 start when the :meth:`repeated_units` before ``head`` are grouped into ``k = min(
+        blocks, units)`` contiguous blocks of balanced MACs: what comes before the first unit (the embedding) is
+        costed with it, what follows the last (a final norm) with that one."""
+        units = self.repeated_units(head)
+        if len(units) < 2:
+            return []
+        starts = [self.first[name] for name in units]
+        costs = [float(sum(self.node_macs[a:b])) for a, b in zip(starts, starts[1:] + [head])]
+        costs[0] += sum(self.node_macs[:starts[0]])
+        groups = balanced_boundaries(costs, min(blocks, len(units)))
+        return [starts[i] for i in groups[1:]]
 
     def _reducing_op(self, begin: int, end: int) -> int:
         """The first op in ``[begin, end)`` whose output has a lower resolution than its input (else ``begin``)."""

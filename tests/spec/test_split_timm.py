@@ -26,8 +26,8 @@ FAMILIES = {
     "ghostnet_100": ({}, 6),
     "efficientvit_b0": ({}, 6),
     "mobilevit_xxs": ({}, 6),
-    "vit_tiny_patch16_224": ({"img_size": SIZE}, 2),
-    "deit_tiny_patch16_224": ({"img_size": SIZE}, 2),
+    "vit_tiny_patch16_224": ({"img_size": SIZE}, 5),  # 12 encoder layers in 4 blocks of 3, then the head
+    "deit_tiny_patch16_224": ({"img_size": SIZE}, 5),
     "swin_tiny_patch4_window7_224": ({"img_size": SIZE, "window_size": 4}, 5),
 }
 
