@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -10,7 +11,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..plan.cost import layer_macs
+from ..plan.cost import forward_macs, layer_macs
 from ..plan.partition import balanced_boundaries
 from .tracer import TraceError, resolve_autowrap_functions, resolve_leaf_modules, trace_graph
 
@@ -111,7 +112,18 @@ class TracedModel:
         if shape is None:
             return 0
         module = self.graph_module.get_submodule(str(node.target))
-        return layer_macs(module, torch.Size(shape)[1:].numel())
+        macs = layer_macs(module, torch.Size(shape)[1:].numel())
+        if macs or not any(layer_macs(m, 1) for m in module.modules()):
+            return macs
+        # a leaf module tracing did not enter (timm's MobileViT or attention blocks): its layers, counted by hooks
+        source = node.all_input_nodes[0] if len(node.all_input_nodes) == 1 else None
+        shape_in = getattr(source.meta.get("tensor_meta"), "shape", None) if source is not None else None
+        if shape_in is None:
+            return 0
+        try:
+            return forward_macs(copy.deepcopy(module).eval(), tuple(shape_in[1:]))
+        except (RuntimeError, TypeError, ValueError):  # it needs more than its one traced input: not estimated
+            return 0
 
     def shape(self, position: int) -> Optional[Tuple[int, ...]]:
         """Per-sample shape of the one tensor crossing the cut before ``position`` (None if the cut is not valid)."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from nni_pipebd.spec.split import SplitError, split_model
+from nni_pipebd.spec.split import SplitError, split_model, trace_model
 from nni_pipebd.spec.tracer import concrete_defaults, library_notrace, trace_graph
 
 
@@ -118,3 +118,10 @@ def test_timm_registries_are_used_only_when_timm_is_loaded(monkeypatch) -> None:
         monkeypatch.delitem(sys.modules, name)
     assert library_notrace() == ([], [])
     assert "timm" not in sys.modules  # asking did not import it
+
+
+def test_a_leaf_modules_layers_count_in_the_macs() -> None:
+    """Tracing does not enter a leaf, so its convolutions are counted by running it on its traced input's shape."""
+    traced = trace_model(UserModel().eval(), torch.randn(2, 3, 15, 15), ["Gate"], ["pad_to_stride"])
+    gate = next(p for p, node in enumerate(traced.ops) if node.target == "gate")
+    assert traced.node_macs[gate] == 8 * 8 * 7 * 7  # a 1x1 conv, 8 -> 8 channels, on the stem's 7x7 map
