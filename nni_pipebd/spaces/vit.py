@@ -24,9 +24,17 @@ def embed_choices(dim: int, widths: Sequence[float], heads: Sequence[int]) -> li
 
 
 def teacher_layers(teacher_block: nn.Module) -> int:
-    """Encoder layers of a teacher block: its attention modules (``nn.MultiheadAttention``, timm's ``Attention``)."""
-    return sum(1 for m in teacher_block.modules()
-               if isinstance(m, nn.MultiheadAttention) or type(m).__name__ == "Attention")
+    """Encoder layers of a teacher block: its outermost attention modules (``nn.MultiheadAttention``, timm's
+    ``Attention``, any class whose name ends in ``Attention``). For a traced block (a ``GraphModule``, whose
+    containers are plain copies) the classes come from the nodes' ``nn_module_stack``."""
+    def attention(cls: Any) -> bool:
+        name = cls if isinstance(cls, str) else getattr(cls, "__name__", "")
+        return name.endswith("Attention") or cls is nn.MultiheadAttention
+
+    names = {name for name, m in teacher_block.named_modules() if attention(type(m))}
+    for node in getattr(getattr(teacher_block, "graph", None), "nodes", ()):
+        names.update(name for name, cls in node.meta.get("nn_module_stack", {}).values() if attention(cls))
+    return sum(1 for name in names if not any(name.startswith(other + ".") for other in names))
 
 
 class TransformerLayer(nn.Module):

@@ -65,3 +65,14 @@ def test_shapes_the_space_cannot_map_are_named():
         vit_space(2, (9, 16), (17, 16), torch.nn.Identity())
     with pytest.raises(ValueError, match=r"block 0: 15 tokens out of a \(3, 16, 16\) image are not square patches"):
         vit_space(0, (3, 16, 16), (15, 16), torch.nn.Identity())
+
+
+def test_a_timm_vits_traced_blocks_count_their_encoder_layers():
+    """timm's attention is traced into (a GraphModule keeps plain containers): the layers are read off the nodes."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("deit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, embed_dim=48,
+                              depth=6, num_heads=3)
+    blocks, names = build_teacher_blocks(model, torch.randn(2, 3, 32, 32))
+    assert names == ["blocks.1", "blocks.2", "blocks.4", "getitem_41"]
+    assert [teacher_layers(b) for b in blocks] == [1, 1, 2, 2, 0]
+    assert BlockSupernet(vit_space(3, (17, 48), (17, 48), blocks[3], heads=(3,)), 3).choices["s3_depth"] == [1, 2]
