@@ -301,3 +301,16 @@ def test_python_student_space_is_shipped_to_the_workers(tmp_path, monkeypatch):
     assert saved["module"].startswith(str(tmp_path / "ref" / "student-")) and saved["class_path"] is None
     assert set(manifest["blocks"][1]["choices"]) == {"b1_width", "b1_op", "b1_depth"}
     assert_same_blocks(ref, pipe, 4, exact=True)
+
+
+@pytest.mark.slow
+def test_input_choice_space_pipebd_is_bitwise_reference(tmp_path):
+    """examples/custom/cell_space.py (InputChoice with n_chosen 1 and 2, widths as nni.choice expressions): teacher
+    relaying trains the reference's weights and losses exactly, the sampled lists of inputs included."""
+    cell = {"student": {"class_path": "cell_space:block_space"}}
+    ref, manifest = run_config(tmp_path, "ref", user_config(model=cell, distill={"paths_per_step": 2}))
+    pipe, pipe_manifest = run_config(tmp_path, "pipe", user_config(model=cell, distill={"paths_per_step": 2},
+                                                                   execution={"executor": "pipebd", "workers": 2}))
+    assert manifest["blocks"][0]["choices"]["c0_pair"] == [[0, 1], [0, 2], [1, 2]]
+    assert_same_blocks(ref, pipe, 4, exact=True)
+    assert [b["losses"] for b in pipe_manifest["blocks"]] == [b["losses"] for b in manifest["blocks"]]
