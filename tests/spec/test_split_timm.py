@@ -74,3 +74,33 @@ def test_without_timms_registries_the_error_names_conv2dsame_and_the_keys_that_f
     blocks, _ = split_model(model, sample, leaf_modules=["timm.layers.conv2d_same.Conv2dSame"])
     with torch.no_grad():
         assert torch.equal(_compose(blocks, sample), model(sample))
+
+
+def test_the_config_keys_reach_the_split(monkeypatch, tmp_path, capsys, caplog) -> None:
+    """model.teacher.leaf_modules / autowrap_functions in a config: `nni-pipebd blocks` and the job's teacher."""
+    import yaml
+
+    from conftest import tiny_config
+    from nni_pipebd.cli import main
+    from nni_pipebd.job import probe_teacher
+    from nni_pipebd.spec.teachers import build_teacher_blocks
+
+    monkeypatch.setattr(tracer, "library_notrace", lambda: ([], []))  # as if timm declared nothing
+    teacher = {"arch": None, "kwargs": {}, "class_path": "timm.create_model",
+               "init_args": {"model_name": "tf_mobilenetv3_small_minimal_100", "num_classes": 10},
+               "leaf_modules": ["Conv2dSame"], "autowrap_functions": ["timm.layers.padding:pad_same"]}
+    config = tiny_config(tmp_path, model={"teacher": teacher}, data={"image_size": 32})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    assert main(["blocks", str(path)]) == 0
+    assert "6 blocks, MACs per block:" in capsys.readouterr().out
+    _, sample, model = probe_teacher(config, weights=False)
+    blocks, _ = build_teacher_blocks(model, sample, leaf_modules=teacher["leaf_modules"],
+                                     autowrap_functions=teacher["autowrap_functions"])
+    with torch.no_grad():
+        assert torch.equal(_compose(blocks, sample), model.eval()(sample))
+    raw = config.to_dict()
+    raw["model"]["teacher"].update(leaf_modules=[], autowrap_functions=[])
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["blocks", str(path)]) == 2  # without them: an error naming the keys that fix it
+    assert "model.teacher.leaf_modules: ['timm.layers.conv2d_same.Conv2dSame']" in caplog.text
