@@ -139,3 +139,30 @@ def test_input_choices_and_width_expressions():
 def test_input_choices_one_shot_cannot_sample_are_refused_up_front(kwargs, message):
     with pytest.raises(TypeError, match=message):
         BlockSupernet(CellSpace(**kwargs), 2)
+
+
+def test_nnis_cell_is_path_sampled_through_its_input_choices():
+    """NNI's ``Cell`` (DARTS-style nodes): RandomOneShot turns its op and input choices into supermodules; the input
+    choices' values are lists of predecessors, as every InputChoice's."""
+    from nni.nas.nn.pytorch import Cell
+
+    class CellBlock(ModelSpace):
+        def __init__(self):
+            super().__init__()
+            self.cell = Cell({"conv": nn.Conv2d(4, 4, 3, padding=1), "pool": nn.AvgPool2d(3, 1, 1)}, num_nodes=2,
+                             num_ops_per_node=1, num_predecessors=1, merge_op="all", label="cell")
+
+        def forward(self, x):
+            return self.cell(x)
+
+    torch.manual_seed(0)
+    block = BlockSupernet(CellBlock(), 0)
+    assert block.choices == {"cell/op_1_0": ["conv", "pool"], "cell/op_2_0": ["conv", "pool"],
+                             "cell/input_1_0": [[0]], "cell/input_2_0": [[0], [1]]}
+    x = torch.randn(2, 4, 6, 6)
+    for first, second, source in (("conv", "pool", [1]), ("pool", "conv", [0])):  # a conv on every path: a gradient
+        sample = {"cell/op_1_0": first, "cell/op_2_0": second, "cell/input_1_0": [0], "cell/input_2_0": source}
+        train_one_step(block, x, sample)
+        expected = block(x)
+        assert expected.shape == (2, 8, 6, 6)  # merge_op all: both nodes concatenated
+        assert torch.equal(block.freeze(sample).eval()(x), expected)
