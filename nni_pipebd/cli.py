@@ -164,7 +164,7 @@ def _blocks(args: argparse.Namespace) -> int:
     from .spec.split import trace_model
 
     _, sample, model = probe_teacher(config, weights=False)  # only shapes matter here
-    traced = trace_model(model, sample)
+    traced = trace_model(model, sample, config.model.teacher.leaf_modules, config.model.teacher.autowrap_functions)
     default = set(traced.default_positions())
     chosen = set(default if config.model.teacher.boundaries is None else
                  (traced.position(b) for b in config.model.teacher.boundaries))
@@ -179,6 +179,9 @@ def _blocks(args: argparse.Namespace) -> int:
         rows.append(f"{point.name:<{width}}  {str(point.shape):<18}  {100 * point.macs_before / total:10.1f}%  "
                     f"{mark.strip()}")
     print("\n".join(rows))
+    bounds = [0] + sorted(chosen) + [len(traced.ops)]
+    shares = [100 * sum(traced.node_macs[a:b]) / total for a, b in zip(bounds, bounds[1:])]
+    print(f"{len(shares)} blocks, MACs per block: {', '.join(f'{share:.1f}%' for share in shares)}")
     print(f"model.teacher.boundaries: {[traced.name_at(p) for p in sorted(chosen)]}")
     return 0
 

@@ -72,6 +72,13 @@ class TeacherConfig:
         Where blocks 1..N-1 start: module names as in ``named_modules()`` (e.g. ``[layer2, layer3, layer4, avgpool]``),
         names of functional ops as listed by ``nni-pipebd blocks``, or indices of the model's direct children.
         Default: at every unit that lowers the resolution, with the classifier head as the last block.
+    leaf_modules : list of str
+        Module classes the split's tracing (torch.fx) must not enter, for models with untraceable parts: import paths
+        (``package.module.Class``) or names of classes in the model. A block boundary cannot fall inside one. The
+        model library's own declarations (timm's FX registries) apply without listing them.
+    autowrap_functions : list of str
+        Functions tracing records as one call instead of entering them (e.g. shape arithmetic with ``max``): import
+        paths (``package.module:function``) or names of module-level functions of the model's modules.
     """
 
     arch: Optional[str] = None
@@ -89,6 +96,8 @@ class TeacherConfig:
     train_strategy: str = "auto"
     pretrained: bool = True
     boundaries: Optional[list] = None
+    leaf_modules: list = field(default_factory=list)
+    autowrap_functions: list = field(default_factory=list)
 
 
 @dataclass
@@ -96,8 +105,9 @@ class StudentConfig:
     """The student: one block space per teacher block, from a block-space factory.
 
     The factory is ``class_path`` (yours) or a built-in ``kind``: the DNA MBConv space (``dna``), one fixed path of
-    it (``fixed``) or DONNA's MobileNet-type space (``donna``: kernel, expansion, depth, attention and inner width
-    per block). It is called once per teacher block as ``factory(index=i, shape_in=(C, H, W), shape_out=...,
+    it (``fixed``), DONNA's MobileNet-type space (``donna``: kernel, expansion, depth, attention and inner width
+    per block) or a vision-transformer space (``vit``: depth, embedding width, heads and MLP ratio per block, after
+    AutoFormer and DONNA). It is called once per teacher block as ``factory(index=i, shape_in=(C, H, W), shape_out=...,
     teacher_block=module, **init_args)`` and returns an NNI ``ModelSpace`` (``LayerChoice``, ``Repeat``,
     ``nni.choice`` in ``MutableConv2d`` ...; trained as a weight-sharing supernet), a plain ``nn.Module`` (a fixed
     block) or ``None`` (a freshly initialised copy of the teacher block, e.g. for the classifier head).
@@ -105,8 +115,9 @@ class StudentConfig:
     Parameters
     ----------
     kind : str
-        ``dna`` (supernet blocks with NNI ``LayerChoice``), ``fixed`` (one path, for compression) or ``donna``
-        (DONNA's space; its job files default to ``distill.loss: nmse``); ignored with ``class_path``.
+        ``dna`` (supernet blocks with NNI ``LayerChoice``), ``fixed`` (one path, for compression), ``donna``
+        (DONNA's space; its job files default to ``distill.loss: nmse``) or ``vit`` (transformer layers, for a
+        teacher whose blocks output token sequences); ignored with ``class_path``.
     kernels : list of int
         Candidate depthwise kernel sizes (built-in kinds).
     expansions : list of int, optional
@@ -117,13 +128,18 @@ class StudentConfig:
     width_mult : float
         Student width relative to the teacher block's output width (inner layers only; ``dna``, ``fixed``).
     widths : list of float, optional
-        ``donna``: candidate inner widths relative to the teacher block's output width; default
+        ``donna``: candidate inner widths relative to the teacher block's output width; ``vit``: candidate
+        embedding widths relative to the teacher's token width (rounded to a multiple of every head count); default
         ``[0.5, 0.75, 1.0]``.
+    heads : list of int, optional
+        ``vit``: candidate attention head counts; default ``[2, 4]``.
+    mlp_ratios : list of int, optional
+        ``vit``: candidate MLP expansion ratios; default ``[2, 4]``.
     attention : list of str, optional
         ``donna``: candidate attention modules, of ``none`` and ``se`` (squeeze-and-excitation); default both.
     layers : list of int, optional
-        Layers per block (``donna``: the most layers, its depth choice is 1..layers); default: derived from the
-        teacher's blocks (built-in kinds).
+        Layers per block (``donna``, ``vit``: the most layers, the depth choice is 1..layers); default: derived
+        from the teacher's blocks (spatial convolutions; ``vit``: encoder layers).
     path : dict or str, optional
         For ``fixed``: an NNI sample dict, or one candidate name (e.g. ``k3e3``) used everywhere.
     class_path : str, optional
@@ -146,6 +162,8 @@ class StudentConfig:
     width_mult: float = 1.0
     widths: Optional[list] = None
     attention: Optional[list] = None
+    heads: Optional[list] = None
+    mlp_ratios: Optional[list] = None
     layers: Optional[list] = None
     path: Optional[Union[dict, str]] = None
     class_path: Optional[str] = None
@@ -454,7 +472,7 @@ def load_config(path: Union[str, Path]) -> Config:
 
 
 _CHOICES = {
-    "model.student.kind": ("dna", "fixed", "donna"),
+    "model.student.kind": ("dna", "fixed", "donna", "vit"),
     "distill.loss": ("mse", "nmse"),
     "distill.optimizer": ("sgd", "adam"),
     "distill.schedule": ("cosine", "constant"),
@@ -473,14 +491,43 @@ _POSITIVE = (
 )
 
 
+def _validate_vit(student: StudentConfig) -> None:
+    """The options of ``kind: vit`` (heads, mlp_ratios) are set only for it, each a non-empty list of ints >= 1."""
+    for key in ("heads", "mlp_ratios"):
+        values = getattr(student, key)
+        if values is None:
+            continue
+        if student.kind != "vit" or student.class_path is not None:
+            raise ConfigError(f"model.student.{key} = {values!r} is an option of kind: vit, but kind = "
+                              f"{student.kind!r}{' with class_path' if student.class_path else ''}; drop it or set "
+                              "kind: vit")
+        if not isinstance(values, list) or not values or \
+                any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise ConfigError(f"model.student.{key} = {values!r} must be a non-empty list of ints >= 1")
+
+
 def _validate_donna(student: StudentConfig) -> None:
-    """The options of ``kind: donna`` are set only for it, and those of ``dna`` / ``fixed`` only for those."""
-    if student.kind != "donna" or student.class_path is not None:
+    """The options of ``kind: donna`` are set only for it (``widths`` for ``vit`` too), and those of ``dna`` /
+    ``fixed`` only for those."""
+    _validate_vit(student)
+    if student.kind not in ("donna", "vit") or student.class_path is not None:
         for key in ("widths", "attention"):
             if getattr(student, key) is not None:
                 raise ConfigError(f"model.student.{key} = {getattr(student, key)!r} is an option of kind: donna, "
                                   f"but kind = {student.kind!r}{' with class_path' if student.class_path else ''}; "
                                   "drop it or set kind: donna")
+        return
+    if student.kind == "vit":
+        if student.attention is not None:
+            raise ConfigError(f"model.student.attention = {student.attention!r} is an option of kind: donna; a vit "
+                              "block's layers are all self-attention — drop it")
+        if student.identity or student.width_mult != 1.0:
+            raise ConfigError("model.student.identity / width_mult are options of kind: dna; a vit block chooses its "
+                              "depth and embedding width instead — drop them")
+        widths = student.candidate_widths()
+        if not widths or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 for w in widths):
+            raise ConfigError(f"model.student.widths = {student.widths!r} must be a non-empty list of numbers > 0 "
+                              "(embedding widths relative to the teacher's token width, e.g. [0.5, 0.75, 1.0])")
         return
     if student.identity:
         raise ConfigError("model.student.identity = true is an option of kind: dna; a DONNA block chooses its depth "
@@ -562,6 +609,10 @@ def validate(config: Config) -> None:
     if bad:
         raise ConfigError(f"model.teacher.boundaries = {teacher.boundaries!r}: {bad} are neither module names nor "
                           "child indices")
+    for key in ("leaf_modules", "autowrap_functions"):
+        names = getattr(teacher, key)
+        if not isinstance(names, list) or any(not isinstance(n, str) or not n for n in names):
+            raise ConfigError(f"model.teacher.{key} = {names!r} must be a list of names or import paths")
     if teacher.module is not None and (teacher.checkpoint or teacher.weights):
         raise ConfigError("model.teacher.module holds the weights already; drop checkpoint / weights")
     if config.data.name is not None and config.data.class_path is not None:

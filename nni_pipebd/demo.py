@@ -110,7 +110,7 @@ def _run(config: Config, out: Path, workers: int, budget_ratio: float, ranking: 
     tic = time.perf_counter()
     checkpoint = config.resolve_path(config.model.teacher.checkpoint)
     cached = checkpoint is not None and checkpoint.is_file()
-    prepare_teacher(config)
+    prepare_teacher(config, out / "logs")  # the run's folder, never beside a checkpoint in the source tree
     times["teacher"] = time.perf_counter() - tic
 
     _logger.info("[2/7] block library by Pipe-BD on %d workers -> %s", workers, library)

@@ -82,7 +82,9 @@ def probe_teacher(config: Config, weights: bool = True) -> Tuple[Dataset, Tensor
 def _teacher(config: Config) -> Tuple[Dataset, Tensor, list, list]:
     """The training data, a probe batch, the frozen teacher blocks and their (input, output) shapes."""
     dataset, sample, model = probe_teacher(config)
-    teacher, _ = build_teacher_blocks(model, sample, config.model.teacher.boundaries)
+    t = config.model.teacher
+    teacher, _ = build_teacher_blocks(model, sample, t.boundaries, leaf_modules=t.leaf_modules,
+                                      autowrap_functions=t.autowrap_functions)
     return dataset, sample, teacher, teacher_shapes(teacher, sample)
 
 

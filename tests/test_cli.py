@@ -100,10 +100,31 @@ def test_blocks_and_train_with_user_teacher_and_data(tmp_path, capsys):
     out = tmp_path / "lib"
     assert main(["train", str(config), "--max-steps", "2", "--epochs", "1", "--out", str(out)]) == 0
     assert (tmp_path / "teacher.pt").is_file()  # trained on the user's data first (train_if_missing)
+    assert (out / "logs" / "teacher_teacher").is_dir() and not (tmp_path / "logs").exists()  # its logs: the run's
     manifest = json.loads((out / "library.json").read_text())
     assert manifest["num_blocks"] == 4 and manifest["executor"] == "pipebd" and manifest["workers"] == 2
     assert manifest["config"]["data"]["class_path"] == "custom_data:digits"
     assert set(manifest["blocks"][0]["choices"]) == {"b0_width", "b0_op", "b0_depth"}  # the user's NNI space
+
+
+def test_blocks_shows_a_vision_transformers_default_blocks(tmp_path, capsys):
+    """A teacher whose resolution never drops (torchvision's ViT by class_path): its encoder layers in balanced blocks,
+    each block's share of the MACs listed."""
+    from conftest import tiny_config
+
+    teacher = {"arch": None, "kwargs": {}, "class_path": "torchvision.models.vision_transformer.VisionTransformer",
+               "init_args": {"image_size": 16, "patch_size": 4, "num_layers": 4, "num_heads": 2, "hidden_dim": 16,
+                             "mlp_dim": 32, "num_classes": 10}}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path, model={"teacher": teacher}).to_dict()))
+    assert main(["blocks", str(config)]) == 0
+    listing = capsys.readouterr().out
+    layers = [f"encoder.layers.encoder_layer_{i}" for i in range(1, 4)]
+    assert f"model.teacher.boundaries: {layers + ['getitem_13']}" in listing
+    shares = [float(v.rstrip("%")) for v in listing.split("MACs per block: ")[1].splitlines()[0].split(", ")]
+    assert len(shares) == 5 and abs(sum(shares) - 100) < 0.5 and max(shares[1:4]) - min(shares[1:4]) < 0.1
+    for layer in layers:
+        assert next(row for row in listing.splitlines() if row.startswith(layer + " ")).endswith("used (default)")
 
 
 def _error_rows(tmp_path):

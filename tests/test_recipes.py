@@ -47,7 +47,7 @@ def test_cifar10_recipe(tmp_path, monkeypatch, name):
     sys.path.insert(0, str(EXAMPLES / "cifar10"))
     try:
         from train_teacher import main as train_teacher
-        assert train_teacher([str(job), "--epochs", "1"]) == 0
+        assert train_teacher([str(job), "--epochs", "1", "--log-dir", str(tmp_path / "logs")]) == 0
     finally:
         sys.path.remove(str(EXAMPLES / "cifar10"))
     assert (tmp_path / raw["model"]["teacher"]["checkpoint"]).is_file()
@@ -73,7 +73,30 @@ def test_imagenet_recipe_on_image_folder(tmp_path):
     assert manifest["num_blocks"] == 6 and manifest["executor"] == "pipebd"
 
 
+def test_dna_recipe_timm_teacher_on_image_folder(tmp_path):
+    """examples/dna, reduced: a TF-ported timm EfficientNet (B0 for B7) on a generated ImageFolder, DNA's space."""
+    timm = pytest.importorskip("timm")
+    for split, per_class in (("train", 3), ("val", 1)):
+        for label, colour in (("n01", (255, 0, 0)), ("n02", (0, 0, 255))):
+            folder = tmp_path / "data" / "imagenet" / split / label
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (80, 60), colour).save(folder / f"{i}.JPEG")
+    raw = yaml.safe_load((EXAMPLES / "dna" / "config.yaml").read_text())
+    teacher = raw["model"]["teacher"]
+    assert teacher["class_path"] == "timm.create_model" and teacher["init_args"]["model_name"] == "tf_efficientnet_b7"
+    assert raw["model"]["student"] == {"kind": "dna", "kernels": [3, 5, 7], "expansions": [3, 6], "identity": True}
+    assert raw["data"]["name"] == "imagefolder" and raw["execution"]["workers"] == 8
+    teacher["init_args"] = {"model_name": "tf_efficientnet_b0", "num_classes": 2}
+    torch.save(timm.create_model("tf_efficientnet_b0", num_classes=2).state_dict(), tmp_path / teacher["checkpoint"])
+    raw["model"]["student"].update(kernels=[3], expansions=[3])
+    config = shrink(raw, tmp_path, image_size=64).replace(execution={"executor": "reference", "workers": 1})
+    manifest = train(config, tmp_path / "lib")
+    assert manifest["num_blocks"] == 6 and manifest["counters"]["samples_per_block"] == 4
+
+
 def test_recipe_files_parse():
     for path in (EXAMPLES / "cifar10" / "config.yaml", EXAMPLES / "cifar10" / "config-cpu.yaml",
-                 EXAMPLES / "imagenet" / "config.yaml", EXAMPLES / "digits" / "config.yaml"):
+                 EXAMPLES / "imagenet" / "config.yaml", EXAMPLES / "digits" / "config.yaml",
+                 EXAMPLES / "dna" / "config.yaml"):
         assert load_config(path).execution.workers >= 1

@@ -100,7 +100,7 @@ def train(config: Config, out_dir: Union[str, Path], *, overwrite: bool = False,
     original = config
     if rank == 0:
         _prepare_out_dir(out_dir, overwrite, resume, config)
-        prepare_teacher(config)
+        prepare_teacher(config, out_dir / "logs")
     if config.execution.plan == "auto" and not under_torchrun():
         from .autoplan import auto_plan
 

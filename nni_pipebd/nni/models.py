@@ -8,6 +8,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional
 from nni.mutable import LabeledMutable, Sample, SampleValidationError
 from nni.nas.space import ExecutableModelSpace, ModelStatus
 
+from ..spaces.values import is_value
+
 __all__ = ["DistillationTask", "ArchitectureModel", "ROLES"]
 
 _logger = logging.getLogger(__name__)
@@ -103,8 +105,9 @@ class ArchitectureModel(_FrozenModel):
                  search: Optional[Mapping[str, Any]] = None):
         if role not in ROLES:
             raise ValueError(f"role = {role!r} is not valid; choose one of {list(ROLES)}")
-        if not isinstance(sample, Mapping) or not all(isinstance(v, (str, int, float)) for v in sample.values()):
-            raise TypeError(f"sample must be a dict {{label: candidate name or number}}; got {sample!r}")
+        if not isinstance(sample, Mapping) or not all(is_value(v) for v in sample.values()):
+            raise TypeError(f"sample must be a dict {{label: candidate name or number, or a list of chosen inputs}}; "
+                            f"got {sample!r}")
         super().__init__(evaluator, dict(sample))
         self.role = role
         self.rank = int(rank)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Mapping, Sequence
 
-__all__ = ["SpaceMismatchError", "space_choices", "check_space", "legacy_search_space"]
+__all__ = ["SpaceMismatchError", "UnsupportedChoiceError", "space_choices", "check_space", "legacy_search_space"]
 
 _logger = logging.getLogger(__name__)
 
@@ -36,31 +36,49 @@ class SpaceMismatchError(ValueError):
                          "`nni-pipebd nni-space CONFIG` for an nnictl searchSpaceFile)")
 
 
-def space_choices(space: Any) -> Dict[str, List[str]]:
+class UnsupportedChoiceError(SpaceMismatchError, TypeError):
+    """A label of the student space that one-shot path sampling cannot sample (not a mismatch the user made)."""
+
+    def __init__(self, label: str, message: str):
+        self.only_given, self.only_library, self.different = [label], [], {}
+        ValueError.__init__(self, message)
+
+
+def space_choices(space: Any) -> Dict[str, List[Any]]:
     """Label -> candidate values of ``space``.
 
     Parameters
     ----------
     space : nni Mutable (ModelSpace, ExecutableModelSpace) or dict
-        An NNI space (its ``simplify()`` must hold only categorical choices: ``LayerChoice``, ``Repeat`` depths,
-        ``nni.choice``), a legacy search-space dict (``{label: {"_type": "choice", "_value": [values]}}``) or
-        ``{label: [values]}``; values are candidate names, ints or floats.
+        An NNI space (its ``simplify()`` must hold only what one-shot path sampling samples: ``LayerChoice``,
+        ``Repeat`` depths, ``nni.choice``, ``InputChoice`` with a fixed ``n_chosen``), a legacy search-space dict
+        (``{label: {"_type": "choice", "_value": [values]}}``) or ``{label: [values]}``; values are candidate names,
+        ints or floats, or lists of them (an ``InputChoice``'s chosen inputs).
 
     Raises
     ------
+    UnsupportedChoiceError
+        A label of an NNI space that path sampling cannot sample (a continuous distribution, ``n_chosen=None``); the
+        message names the label, the mutable and what to use instead.
     SpaceMismatchError
-        A label is not a categorical choice over names or numbers.
+        An entry of a dict is not a list of candidate names or numbers.
     TypeError
         ``space`` is none of the forms above.
     """
     if hasattr(space, "simplify"):
+        from ..spaces.supernet import candidate_values
+
         choices = {}
         for label, mutable in space.simplify().items():
-            values = getattr(mutable, "values", None)
-            if values is None or getattr(mutable, "n_chosen", None) is not None or not _scalars(values):
-                raise SpaceMismatchError([label], [], {}, f"the student space ({label} is a "
-                                         f"{type(mutable).__name__}, not a categorical choice of names or numbers)")
-            choices[label] = list(values)
+            try:
+                values = candidate_values(label, mutable, "the student space")
+            except TypeError as err:
+                raise UnsupportedChoiceError(label, str(err)) from None
+            if not _scalars(values):
+                raise UnsupportedChoiceError(label, f"the student space: label {label!r} ({type(mutable).__name__}) "
+                                             f"has values {values!r}; a path holds names or numbers (or lists of "
+                                             "them): use nni.choice over names or numbers")
+            choices[label] = values
         return choices
     if isinstance(space, Mapping):
         choices = {}
@@ -80,8 +98,10 @@ def space_choices(space: Any) -> Dict[str, List[str]]:
 
 
 def _scalars(values: Sequence[Any]) -> bool:
-    """Whether every value is a candidate name or a number (what a path of a block space holds)."""
-    return all(isinstance(v, (str, int, float)) for v in values)
+    """Whether every value is a candidate name or a number, or a list of them (what a path of a block space holds)."""
+    from ..spaces.values import is_value
+
+    return all(is_value(v) for v in values)
 
 
 def check_space(given: Mapping[str, Sequence[str]], library: Mapping[str, Sequence[str]],
@@ -89,8 +109,10 @@ def check_space(given: Mapping[str, Sequence[str]], library: Mapping[str, Sequen
     """Raise :class:`SpaceMismatchError` unless ``given`` and ``library`` have the same labels and candidate sets."""
     only_given = sorted(set(given) - set(library))
     only_library = sorted(set(library) - set(given))
+    from ..spaces.values import value_key
+
     different = {label: (list(given[label]), list(library[label])) for label in sorted(set(given) & set(library))
-                 if set(given[label]) != set(library[label])}
+                 if {value_key(v) for v in given[label]} != {value_key(v) for v in library[label]}}
     if only_given or only_library or different:
         raise SpaceMismatchError(only_given, only_library, different, where)
     _logger.debug("%s matches the library's space (%d labels)", where, len(library))

@@ -12,6 +12,7 @@ from nni.nas.strategy.base import StrategyStatus
 
 from ..library import MANIFEST
 from ..search.ranking import RankingSettings
+from ..spaces.values import value_key
 from .compat import patch_json_comments
 from .evaluator import BlockwiseDistillation
 from .flow import SearchSettings, dna_candidates, donna_candidates, predictor_samples
@@ -173,11 +174,11 @@ class BlockwiseStrategy(Strategy):
         self._phase = "evaluate"
 
     def _evaluate(self) -> None:
-        done = {tuple(sorted(m.sample.items())) for m in self._models
+        done = {value_key(sorted(m.sample.items())) for m in self._models
                 if m.role == "candidate" and m.status == ModelStatus.Trained}
         models = []
         for rank, arch in enumerate(self._candidates):
-            if tuple(sorted(arch["sample"].items())) in done:
+            if value_key(sorted(arch["sample"].items())) in done:  # an InputChoice's value is a list
                 continue
             search = {k: v for k, v in arch.items() if k not in ("sample", "rank")}
             models.append(ArchitectureModel(arch["sample"], self.evaluator, "candidate", rank, search))

@@ -14,8 +14,14 @@ STUDENT_STEP_FACTOR = 3.0
 """Forward + backward of a student block is about three forwards."""
 
 
+_COUNTED = (nn.Conv2d, nn.Linear, nn.MultiheadAttention)
+
+
 def layer_macs(module: nn.Module, out_numel: int) -> int:
-    """Multiply-accumulates of one convolution or linear layer producing ``out_numel`` values (0 for other layers)."""
+    """Multiply-accumulates of one convolution, linear layer or multi-head attention (its four projections; torch.fx
+    does not enter it) producing ``out_numel`` values (0 for other layers)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return out_numel * (2 * module.embed_dim + module.kdim + module.vdim)  # self-attention: as many keys as queries
     if isinstance(module, nn.Conv2d):
         return out_numel * (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
     if isinstance(module, nn.Linear):
@@ -30,9 +36,9 @@ def forward_macs(module: nn.Module, shape_in: Tuple[int, ...]) -> int:
 
     def count(m: nn.Module, _, out: torch.Tensor) -> None:
         nonlocal total
-        total += layer_macs(m, out.numel())
+        total += layer_macs(m, (out[0] if isinstance(out, tuple) else out).numel())
 
-    hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, _COUNTED)]
     try:
         module(torch.zeros((1,) + tuple(shape_in)))
     finally:

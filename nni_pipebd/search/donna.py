@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..library import atomic_save
+from ..spaces.values import value_key
 from .constrained import architecture_costs
 from .inputs import METRICS, Budget, fits
 from .errors import InfeasibleBudgetError, SearchError
@@ -98,7 +99,7 @@ def _searchable(scores: Mapping[str, Any]) -> List[Mapping[str, Any]]:
 
 
 def _path_lookup(scores: Mapping[str, Any]) -> List[Dict[Tuple[str, ...], int]]:
-    return [{tuple(e["path"][label] for label in b["labels"]): p for p, e in enumerate(b["paths"])}
+    return [{value_key([e["path"][label] for label in b["labels"]]): p for p, e in enumerate(b["paths"])}
             for b in _searchable(scores)]
 
 
@@ -111,9 +112,10 @@ def _choice_of(scores: Mapping[str, Any], sample: Mapping[str, Any],
         missing = [label for label in block["labels"] if label not in sample]
         if missing:
             raise SearchError(f"the architecture has no choice for {missing} (block {block['index']})")
-        key = tuple(sample[label] for label in block["labels"])
+        key = value_key([sample[label] for label in block["labels"]])
         if key not in table:
-            raise SearchError(f"block {block['index']}: path {dict(zip(block['labels'], key))} was not scored "
+            path = {label: sample[label] for label in block["labels"]}
+            raise SearchError(f"block {block['index']}: path {path} was not scored "
                               f"({block['scored']} of {block['num_paths']} paths were); rank with a larger max_paths "
                               "or choose scored paths")
         indices.append(table[key])

@@ -51,10 +51,10 @@ def block_paths(choices: Mapping[str, Sequence[str]], max_paths: int, seed: int,
     rng = np.random.default_rng([seed, index])
     seen, paths = set(), []
     while len(paths) < max_paths:
-        names = tuple(choices[label][int(rng.integers(len(choices[label])))] for label in labels)
-        if names not in seen:
-            seen.add(names)
-            paths.append(dict(zip(labels, names)))
+        picks = tuple(int(rng.integers(len(choices[label]))) for label in labels)  # indices: values may be lists
+        if picks not in seen:
+            seen.add(picks)
+            paths.append({label: choices[label][i] for label, i in zip(labels, picks)})
     return paths, total, False
 
 

@@ -16,6 +16,7 @@ from ..spec.blocks import block_seed
 from .dna import StudentSpace, block_geometry, dna_space
 from .donna import donna_space
 from .supernet import BlockSupernet
+from .vit import vit_space
 
 __all__ = ["BlockFactory", "block_geometry", "build_student", "student_factory", "make_block", "fixed_block",
            "fresh_copy"]
@@ -90,8 +91,8 @@ def student_factory(config: StudentConfig, num_blocks: int,
     """The block factory ``config`` names, the options it gets for block ``i``, and how to name it in errors.
 
     ``model.student.class_path`` (with ``init_args``) names a user factory; otherwise ``kind`` names a built-in one:
-    ``dna`` (:func:`~nni_pipebd.spaces.dna.dna_space`), ``fixed`` (:func:`fixed_block`) or ``donna``
-    (:func:`~nni_pipebd.spaces.donna.donna_space`).
+    ``dna`` (:func:`~nni_pipebd.spaces.dna.dna_space`), ``fixed`` (:func:`fixed_block`), ``donna``
+    (:func:`~nni_pipebd.spaces.donna.donna_space`) or ``vit`` (:func:`~nni_pipebd.spaces.vit.vit_space`).
     """
     if config.module is not None:
         return _module_factory(config.module, num_blocks)
@@ -105,6 +106,12 @@ def student_factory(config: StudentConfig, num_blocks: int,
                           f"{num_blocks} blocks; give one layer count per block")
 
     def options(i: int) -> Dict[str, Any]:
+        layers = None if config.layers is None else config.layers[i]
+        if config.kind == "vit":
+            vit = {"widths": tuple(config.candidate_widths()), "layers": layers}
+            vit.update({key: tuple(getattr(config, key)) for key in ("heads", "mlp_ratios")
+                        if getattr(config, key) is not None})
+            return vit
         common = {"kernels": tuple(config.kernels), "expansions": tuple(config.candidate_expansions()),
                   "layers": None if config.layers is None else config.layers[i]}
         if config.kind == "donna":
@@ -113,7 +120,7 @@ def student_factory(config: StudentConfig, num_blocks: int,
         dna = {**common, "identity": config.identity, "width_mult": config.width_mult}
         return {**dna, "path": config.path} if config.kind == "fixed" else dna
 
-    factories = {"dna": dna_space, "fixed": fixed_block, "donna": donna_space}
+    factories = {"dna": dna_space, "fixed": fixed_block, "donna": donna_space, "vit": vit_space}
     factory = factories[config.kind]
     return factory, options, f"model.student.kind = {config.kind!r}"
 

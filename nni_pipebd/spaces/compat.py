@@ -1,5 +1,5 @@
 """NNI 3.0 workarounds: ``Repeat`` sampled at depth 0, mixed operators frozen without a bias, mixed BatchNorm
-following its module's momentum, mutables that survive pickling."""
+following its module's momentum, mixed LayerNorm sliced as torch wants, mutables that survive pickling."""
 
 from __future__ import annotations
 
@@ -93,7 +93,21 @@ class MixedBatchNorm2d(_FreezeWithoutNone, operation.MixedBatchNorm2d):
 
 
 class MixedLayerNorm(_FreezeWithoutNone, operation.MixedLayerNorm):
-    """NNI's ``MixedLayerNorm``; frozen also without affine weights."""
+    """NNI's ``MixedLayerNorm``; frozen also without affine weights, and sliced with a tuple of slices.
+
+    NNI 3.0 indexes its weight with a *list* of slices (``self.weight[[slice(0, n)]]``), which torch deprecates (a
+    warning on every forward; "will be interpreted as tensor index"). The slices are the same here, as a tuple.
+    """
+
+    def _freeze_weight_impl(self, normalized_shape: Any, **kwargs: Any) -> Any:
+        if isinstance(normalized_shape, dict):
+            normalized_shape = self.normalized_shape
+        if isinstance(normalized_shape, int):
+            normalized_shape = (normalized_shape,)
+        indices = tuple(slice(0, min(i, j)) for i, j in zip(normalized_shape, self.normalized_shape))
+        weight = self.weight[indices] if self.weight is not None else None
+        bias = self.bias[indices] if self.bias is not None else None
+        return {"weight": weight, "bias": bias, "normalized_shape": normalized_shape}
 
 
 class MixedMultiHeadAttention(_FreezeWithoutNone, operation.MixedMultiHeadAttention):

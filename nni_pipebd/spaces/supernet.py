@@ -3,42 +3,80 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from typing import Any, Dict, List, Mapping
 
 from torch import nn
 
 from nni.mutable import Categorical, CategoricalMultiple
-from nni.nas.nn.pytorch import ModelSpace, MutableModule
+from nni.nas.nn.pytorch import InputChoice, ModelSpace, MutableModule
 from nni.nas.oneshot.pytorch.supermodule.base import BaseSuperNetModule
 from nni.nas.strategy import RandomOneShot
 
 from .compat import supernet_hooks
 
-__all__ = ["BlockSupernet", "space_choices"]
+__all__ = ["BlockSupernet", "space_choices", "candidate_values", "check_supported"]
 
 _logger = logging.getLogger(__name__)
+
+
+_REDUCTIONS = ("sum", "mean", "concat")
+
+
+def candidate_values(label: str, mutable: Any, where: str = "the block space") -> List[Any]:
+    """The values a path may take for ``label``: a ``Categorical``'s values, or every combination of ``n_chosen``
+    inputs of an ``InputChoice`` (``CategoricalMultiple``) as a list of indices, NNI's sample format.
+
+    Raises
+    ------
+    TypeError
+        What NNI's one-shot path sampling cannot sample: any number of inputs (``n_chosen=None``) or a continuous
+        distribution (``nni.uniform``, ``nni.normal``, ...); the message names the label, the type and what to use.
+    """
+    if isinstance(mutable, CategoricalMultiple):
+        if mutable.n_chosen is None:
+            raise TypeError(f"{where}: label {label!r} is a CategoricalMultiple of {mutable.values} with n_chosen=None "
+                            "(any number of inputs), which NNI's one-shot path sampling (PathSamplingInput) cannot "
+                            "sample; give the InputChoice a fixed n_chosen (1 or more)")
+        return [list(c) for c in itertools.combinations(mutable.values, mutable.n_chosen)]
+    if isinstance(mutable, Categorical):
+        return list(mutable.values)
+    raise TypeError(f"{where}: label {label!r} is a {type(mutable).__name__}, not a categorical choice of one value; "
+                    "a path takes one value per label from a finite list — use nni.choice(label, [values]), "
+                    "LayerChoice, InputChoice or Repeat with a depth range instead of a continuous distribution")
 
 
 def space_choices(space: Any, where: str = "the block space") -> Dict[str, List[Any]]:
     """Label -> candidate values of every choice of an NNI space (``simplify()``), in NNI's order.
 
     Values are what the space declares: candidate names of a ``LayerChoice``, ints of a ``Repeat`` depth, any
-    str / int / float of an ``nni.choice``.
+    str / int / float of an ``nni.choice`` (expressions of it, e.g. ``w * 2``, are not labels: they follow ``w``),
+    lists of input indices of an ``InputChoice`` (:func:`candidate_values`).
 
     Raises
     ------
     TypeError
-        A label is not a categorical choice (e.g. ``nni.uniform``): a path samples from a finite list.
+        A label NNI's one-shot path sampling cannot sample (see :func:`candidate_values`).
     """
-    choices: Dict[str, List[Any]] = {}
-    for label, mutable in space.simplify().items():
-        if not isinstance(mutable, Categorical) or isinstance(mutable, CategoricalMultiple):
-            raise TypeError(f"{where}: label {label!r} is a {type(mutable).__name__}, not a categorical choice of one "
-                            "value; a path takes one value per label from a finite list — use nni.choice, "
-                            "LayerChoice or Repeat with a depth range")
-        choices[label] = list(mutable.values)
-    return choices
+    return {label: candidate_values(label, mutable, where) for label, mutable in space.simplify().items()}
+
+
+def check_supported(space: Any, where: str = "the block space") -> None:
+    """Refuse up front what ``RandomOneShot`` cannot turn into a supermodule, naming the label: an ``InputChoice``
+    reducing by other than sum, mean or concat (NNI's ``PathSamplingInput``), and every label of
+    :func:`space_choices`.
+
+    Raises
+    ------
+    TypeError
+        The label, the mutable and what to use instead.
+    """
+    for module in space.modules():
+        if isinstance(module, InputChoice) and module.reduction not in _REDUCTIONS:
+            raise TypeError(f"{where}: InputChoice {module.label!r} reduces by {module.reduction!r}; NNI's one-shot "
+                            f"path sampling (PathSamplingInput) supports {list(_REDUCTIONS)}: use one of them")
+    space_choices(space, where)
 
 
 class BlockSupernet(MutableModule):
@@ -73,6 +111,7 @@ class BlockSupernet(MutableModule):
         if not isinstance(space, ModelSpace):
             raise TypeError(f"block {index}: a block space must be an NNI ModelSpace, got {type(space).__name__}; "
                             "return a plain nn.Module for a block without choices")
+        check_supported(space, f"block {index}")
         RandomOneShot(mutation_hooks=supernet_hooks()).mutate_model(space)
         for name in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
             object.__setattr__(self, name, getattr(space, name))
@@ -106,9 +145,12 @@ class BlockSupernet(MutableModule):
             if label not in sample:
                 raise KeyError(f"block {self.index}: the path has no choice for {label!r}; it needs one of {values} "
                                f"for each of {sorted(self._choices)}")
-            if sample[label] not in values:
-                raise ValueError(f"block {self.index}: {label} = {sample[label]!r} is not a candidate; valid: {values}")
-            path[label] = sample[label]
+            value = list(sample[label]) if isinstance(sample[label], tuple) else sample[label]  # a tuple of inputs
+            if value not in values:
+                order = " (an InputChoice's chosen inputs in ascending order)" if isinstance(value, list) else ""
+                raise ValueError(f"block {self.index}: {label} = {sample[label]!r} is not a candidate; valid{order}: "
+                                 f"{values}")
+            path[label] = value
         return path
 
     def set_path(self, sample: Mapping[str, Any]) -> None:

@@ -19,8 +19,17 @@ __all__ = ["prepare_teacher", "train_teacher"]
 _logger = logging.getLogger(__name__)
 
 
-def prepare_teacher(config: Config) -> None:
-    """Make sure the teacher checkpoint the config names exists; train and cache it if allowed."""
+def prepare_teacher(config: Config, log_dir: Path) -> None:
+    """Make sure the teacher checkpoint the config names exists; train and cache it if allowed.
+
+    Parameters
+    ----------
+    config : Config
+        The job; ``model.teacher.checkpoint`` with ``train_if_missing`` is trained when absent.
+    log_dir : Path
+        The run's log folder (e.g. ``OUT/logs``): that training's Lightning logs go to ``log_dir/teacher_<stem>``,
+        never beside the checkpoint (which may be in the user's source tree).
+    """
     teacher = config.model.teacher
     path = config.resolve_path(teacher.checkpoint)
     if path is None or path.is_file() or not teacher.train_if_missing:
@@ -28,17 +37,18 @@ def prepare_teacher(config: Config) -> None:
     _logger.info("teacher checkpoint %s is absent: training %s on %s for %d epochs and caching it there",
                  path, teacher.class_path or teacher.arch or "mobilenet_v2", config.data.class_path or
                  config.data.name or "digits", teacher.train_epochs)
-    metrics = train_teacher(config, path)
+    metrics = train_teacher(config, path, log_dir)
     _logger.info("teacher cached at %s (val accuracy %.4f)", path, metrics["val_accuracy"])
 
 
-def train_teacher(config: Config, path: Path) -> Dict[str, float]:
+def train_teacher(config: Config, path: Path, log_dir: Path) -> Dict[str, float]:
     """Train the configured teacher with cross-entropy on the training split and save its ``state_dict`` to ``path``.
 
     Training is a :class:`~nni_pipebd.lightning.module.ClassifierModule` (Adam, one-cycle learning rate up to
     3e-3, weight decay 1e-4, ``model.teacher.train_epochs`` epochs in the seeded order of ``distill.seed``) under a
     ``pytorch_lightning.Trainer`` on ``execution.device`` with ``model.teacher.train_precision``, ``train_devices``
-    and ``train_strategy``; its logs and last checkpoint go to ``<path's folder>/logs/teacher_<path's stem>``.
+    and ``train_strategy``; its logs and last checkpoint go to ``log_dir/teacher_<path's stem>`` (the run's output
+    folder, not the checkpoint's: a checkpoint beside the config leaves the user's tree clean).
 
     Returns
     -------
@@ -58,7 +68,7 @@ def train_teacher(config: Config, path: Path) -> Dict[str, float]:
                                  num_workers=data.num_workers)
     module = ClassifierModule(model, optimizer="adam", lr=3e-3, weight_decay=1e-4, schedule="onecycle",
                               total_steps=t.train_epochs * loaders.steps_per_epoch)
-    fitted = fit_classifier(module, loaders, options, epochs=t.train_epochs, seed=seed, log_dir=path.parent / "logs",
+    fitted = fit_classifier(module, loaders, options, epochs=t.train_epochs, seed=seed, log_dir=Path(log_dir),
                             name=f"teacher_{path.stem}")
     if fitted.is_global_zero:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..plan.cost import layer_macs
+from ..plan.cost import forward_macs, layer_macs
+from ..plan.partition import balanced_boundaries
+from .tracer import TraceError, resolve_autowrap_functions, resolve_leaf_modules, trace_graph
 
-__all__ = ["SplitError", "SplitPoint", "TracedModel", "trace_model", "split_model"]
+__all__ = ["SplitError", "SplitPoint", "TracedModel", "trace_model", "split_model", "REPEATED_BLOCKS"]
 
 Boundary = Union[int, str]
+LeafModule = Union[str, type]
+Function = Union[str, Callable]
 _NEAR = 6
+REPEATED_BLOCKS = 4
+"""Blocks the repeated units (encoder layers) of a model whose resolution never drops form by default, at most."""
 
 
 class SplitError(ValueError):
@@ -46,7 +53,7 @@ class SplitPoint:
 
 
 class TracedModel:
-    """A model traced with :func:`torch.fx.symbolic_trace` and run once on a probe input.
+    """A model traced with torch.fx (:func:`~nni_pipebd.spec.tracer.trace_graph`) and run once on a probe input.
 
     Knows every valid split point (one tensor crossing), which module starts where, and the per-sample shape of
     each value. Build it with :func:`trace_model`.
@@ -99,11 +106,24 @@ class TracedModel:
         if node.op != "call_module":
             return 0
         meta = node.meta.get("tensor_meta")
+        if isinstance(meta, (tuple, list)) and meta and not hasattr(meta, "shape"):  # nn.MultiheadAttention's pair
+            meta = meta[0]
         shape = getattr(meta, "shape", None)
         if shape is None:
             return 0
         module = self.graph_module.get_submodule(str(node.target))
-        return layer_macs(module, torch.Size(shape)[1:].numel())
+        macs = layer_macs(module, torch.Size(shape)[1:].numel())
+        if macs or not any(layer_macs(m, 1) for m in module.modules()):
+            return macs
+        # a leaf module tracing did not enter (timm's MobileViT or attention blocks): its layers, counted by hooks
+        source = node.all_input_nodes[0] if len(node.all_input_nodes) == 1 else None
+        shape_in = getattr(source.meta.get("tensor_meta"), "shape", None) if source is not None else None
+        if shape_in is None:
+            return 0
+        try:
+            return forward_macs(copy.deepcopy(module).eval(), tuple(shape_in[1:]))
+        except (RuntimeError, TypeError, ValueError):  # it needs more than its one traced input: not estimated
+            return 0
 
     def shape(self, position: int) -> Optional[Tuple[int, ...]]:
         """Per-sample shape of the one tensor crossing the cut before ``position`` (None if the cut is not valid)."""
@@ -258,10 +278,12 @@ class TracedModel:
     def default_positions(self) -> List[int]:
         """Default split: a new block at each unit that reduces the spatial resolution, and the head.
 
-        Resolutions are compared at the cuts where modules start (the outputs forward hooks would see). A unit is the outermost module around a resolution reduction that holds only that reduction and starts and
-        ends at split points. A unit with parameters (a strided convolution block) starts the new block; after a
-        parameter-free one (pooling) the new block starts at the next split point. A reduction in the first unit
-        (the stem) stays in block 0. The classifier head (:meth:`head_start`) is the last block.
+        Resolutions are compared at the cuts where modules start (the outputs forward hooks would see). A unit is the
+        outermost module around a resolution reduction that holds only that reduction and starts and ends at split
+        points. A unit with parameters (a strided convolution block) starts the new block; after a parameter-free one
+        (pooling) the new block starts at the next split point. A reduction in the first unit (the stem) stays in
+        block 0. A model whose resolution never drops (a vision transformer) is split between its repeated units
+        instead (:meth:`repeated_positions`). The classifier head (:meth:`head_start`) is the last block.
         """
         head = self.head_start()
         cuts = [0] + [p for p in range(1, head) if self.valid(p) and self.name_at(p) in self.first] + [head]
@@ -280,7 +302,47 @@ class TracedModel:
                     break
             if 0 < start < head:
                 starts.add(start)
+        if not starts:
+            starts.update(self.repeated_positions(head))
         return sorted(starts) + [head]
+
+    def repeated_units(self, end: int) -> List[str]:
+        """The longest run of sibling modules of one class that follow each other in the forward before ``end``,
+        each after the first starting at a split point (a transformer's encoder layers); ties go to the costlier run.
+        Empty when no class repeats."""
+        siblings: Dict[str, List[str]] = {}
+        for name in self.first:
+            if name in self.modules and name and self.first[name] < end and self.last[name] < end:
+                siblings.setdefault(name.rpartition(".")[0], []).append(name)
+        best: List[str] = []
+
+        def cost(run: List[str]) -> int:
+            return sum(self.node_macs[self.first[run[0]]:self.last[run[-1]] + 1])
+
+        for names in siblings.values():
+            run: List[str] = []
+            for name in sorted(names, key=self.first.__getitem__) + [None]:
+                if name is not None and run and type(self.modules[name]) is type(self.modules[run[-1]]) and \
+                        self.first[name] > self.last[run[-1]] and self.valid(self.first[name]):
+                    run.append(name)
+                    continue
+                if len(run) > 1 and (len(run), cost(run)) > (len(best), cost(best) if best else -1):
+                    best = run
+                run = [] if name is None else [name]
+        return best
+
+    def repeated_positions(self, head: int, blocks: int = REPEATED_BLOCKS) -> List[int]:
+        """Where blocks 1..k-1 start when the :meth:`repeated_units` before ``head`` are grouped into ``k = min(
+        blocks, units)`` contiguous blocks of balanced MACs: what comes before the first unit (the embedding) is
+        costed with it, what follows the last (a final norm) with that one."""
+        units = self.repeated_units(head)
+        if len(units) < 2:
+            return []
+        starts = [self.first[name] for name in units]
+        costs = [float(sum(self.node_macs[a:b])) for a, b in zip(starts, starts[1:] + [head])]
+        costs[0] += sum(self.node_macs[:starts[0]])
+        groups = balanced_boundaries(costs, min(blocks, len(units)))
+        return [starts[i] for i in groups[1:]]
 
     def _reducing_op(self, begin: int, end: int) -> int:
         """The first op in ``[begin, end)`` whose output has a lower resolution than its input (else ``begin``)."""
@@ -330,23 +392,40 @@ class TracedModel:
         return blocks
 
 
-def trace_model(model: nn.Module, sample: torch.Tensor) -> TracedModel:
+def trace_model(model: nn.Module, sample: torch.Tensor, leaf_modules: Sequence[LeafModule] = (),
+                autowrap_functions: Sequence[Function] = ()) -> TracedModel:
     """Trace ``model`` (in eval mode) with torch.fx and propagate ``sample`` to know every value's shape.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; its library's untraceable modules and functions (timm's FX registries) are leaves already.
+    sample : torch.Tensor
+        A small input batch.
+    leaf_modules : sequence of str or type
+        More module classes tracing must not enter: classes, import paths or names of classes in the model
+        (``model.teacher.leaf_modules``).
+    autowrap_functions : sequence of str or callable
+        More functions recorded as one node: functions, import paths or names of module-level functions of the
+        model's modules (``model.teacher.autowrap_functions``).
 
     Raises
     ------
     SplitError
-        The forward cannot be traced symbolically (data-dependent control flow, unsupported ops).
+        The forward cannot be traced symbolically (the message names the module and code line where tracing broke
+        and the config key that fixes it), takes more than one input, or fails on ``sample``.
     """
     training = [m.training for m in model.modules()]
     model.eval()
     try:
         try:
-            graph_module = fx.symbolic_trace(model)
-        except Exception as err:  # fx raises TraceError, TypeError, NotImplementedError, ... on untraceable code
-            raise SplitError(f"cannot trace {type(model).__name__}.forward with torch.fx ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0] if str(err) else err!r}); make the forward traceable (no "
-                             "control flow on tensor values) or wrap the untraceable part in a module") from err
+            leaves = [c for c in leaf_modules if isinstance(c, type)] + resolve_leaf_modules(
+                model, [c for c in leaf_modules if not isinstance(c, type)])
+            functions = [f for f in autowrap_functions if callable(f)] + resolve_autowrap_functions(
+                model, [f for f in autowrap_functions if not callable(f)])
+            graph_module = trace_graph(model, leaves, functions)
+        except TraceError as err:
+            raise SplitError(str(err)) from err.__cause__
         inputs = [n.name for n in graph_module.graph.nodes if n.op == "placeholder"]
         if len(inputs) != 1:
             raise SplitError(f"{type(model).__name__}.forward takes {len(inputs)} inputs ({inputs}); blockwise "
@@ -365,19 +444,22 @@ def trace_model(model: nn.Module, sample: torch.Tensor) -> TracedModel:
 
 
 def split_model(model: nn.Module, sample: torch.Tensor,
-                boundaries: Optional[Sequence[Boundary]] = None) -> Tuple[List[nn.Module], List[str]]:
+                boundaries: Optional[Sequence[Boundary]] = None, leaf_modules: Sequence[LeafModule] = (),
+                autowrap_functions: Sequence[Function] = ()) -> Tuple[List[nn.Module], List[str]]:
     """Split ``model`` into blocks whose composition computes exactly ``model(x)``.
 
     Parameters
     ----------
     model : torch.nn.Module
-        Any model whose forward torch.fx can trace, with one input tensor.
+        Any model whose forward torch.fx can trace, with one input tensor (arguments with defaults keep them).
     sample : torch.Tensor
         A small input batch (N, ...) used to find shapes.
     boundaries : sequence of str or int, optional
         The first module of blocks 1..N-1, by name (``named_modules()``, e.g. ``["layer2", "layer3", "fc"]``), by the
         name of a functional op (as listed by :meth:`TracedModel.split_points`), or by index of a direct child.
         Default: :meth:`TracedModel.default_positions`.
+    leaf_modules, autowrap_functions : sequence
+        Module classes tracing must not enter and functions recorded as one node (see :func:`trace_model`).
 
     Returns
     -------
@@ -386,7 +468,7 @@ def split_model(model: nn.Module, sample: torch.Tensor,
     names : list of str
         The boundary names used (one per block after the first).
     """
-    traced = trace_model(model, sample)
+    traced = trace_model(model, sample, leaf_modules, autowrap_functions)
     if boundaries is None:
         positions = traced.default_positions()
     else:

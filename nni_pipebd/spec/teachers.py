@@ -374,7 +374,9 @@ def build_teacher(config: "TeacherConfig", base_dir: Union[str, Path] = ".") -> 
 
 
 def build_teacher_blocks(model: nn.Module, sample: torch.Tensor,
-                         boundaries: Optional[Sequence[Union[int, str]]] = None) -> Tuple[List[nn.Module], List[str]]:
+                         boundaries: Optional[Sequence[Union[int, str]]] = None, *,
+                         leaf_modules: Sequence[Any] = (),
+                         autowrap_functions: Sequence[Any] = ()) -> Tuple[List[nn.Module], List[str]]:
     """Split a teacher into frozen blocks whose composition equals the model exactly.
 
     Parameters
@@ -386,6 +388,9 @@ def build_teacher_blocks(model: nn.Module, sample: torch.Tensor,
     boundaries : sequence of str or int, optional
         The first module of blocks 1..N-1 (names as in ``named_modules()``, functional ops as listed by
         ``nni-pipebd blocks``, or indices of direct children); default: where the resolution drops, and the head.
+    leaf_modules, autowrap_functions : sequence
+        Module classes tracing must not enter and functions it records as one call (``model.teacher.leaf_modules``
+        / ``autowrap_functions``; see :func:`~nni_pipebd.spec.split.trace_model`).
 
     Returns
     -------
@@ -402,7 +407,7 @@ def build_teacher_blocks(model: nn.Module, sample: torch.Tensor,
     model.eval()
     model.requires_grad_(False)
     try:
-        blocks, names = split_model(model, sample, boundaries)
+        blocks, names = split_model(model, sample, boundaries, leaf_modules, autowrap_functions)
     except SplitError as err:
         raise TeacherError(str(err)) from None
     for block in blocks:

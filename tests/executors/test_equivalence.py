@@ -222,6 +222,27 @@ def test_torchvision_teacher_outside_the_old_list(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_tf_ported_timm_teacher_every_executor(tmp_path):
+    """A TF-ported timm teacher ("same" padding, traced through timm's FX registries) by class_path: the reference's
+    weights under pipebd (teacher relaying, bitwise) and dp (batches split, allclose). About 60 s per multi-process
+    run on a loaded 2-core machine, so dp and pipebd only (--plan auto is covered on the user teacher above)."""
+    pytest.importorskip("timm")
+    sections = {"model": {"teacher": {"arch": None, "kwargs": {}, "class_path": "timm.create_model",
+                                      "init_args": {"model_name": "tf_mobilenetv3_small_minimal_100",
+                                                    "num_classes": 10}}},
+                "data": {"image_size": 32}, "distill": {"max_steps_per_epoch": 2}}
+    ref, manifest = run(tmp_path, "ref", **sections)
+    n = manifest["num_blocks"]
+    assert n == 6  # conv_stem..blocks.0 | blocks.1 | blocks.2 | blocks.3 | blocks.4 + conv_head | head
+    pipe, pipe_manifest = run(tmp_path, "pipe", execution={"executor": "pipebd", "workers": 2}, **sections)
+    assert_same_blocks(ref, pipe, n, exact=True)
+    assert pipe_manifest["counters"]["teacher_block_forwards_per_sample"] == n
+    dp, _ = run(tmp_path, "dp", execution={"executor": "dp", "workers": 2}, **sections)
+    assert_same_blocks(ref, dp, n, exact=False, rtol=1e-3, atol=1e-4)  # 1x1 maps: see shufflenet's above
+
+
+@pytest.mark.slow
 def test_teacher_instance_is_shipped_to_the_workers(tmp_path, monkeypatch):
     from conftest import EXAMPLES
 
@@ -295,3 +316,16 @@ def test_python_student_space_is_shipped_to_the_workers(tmp_path, monkeypatch):
     assert saved["module"].startswith(str(tmp_path / "ref" / "student-")) and saved["class_path"] is None
     assert set(manifest["blocks"][1]["choices"]) == {"b1_width", "b1_op", "b1_depth"}
     assert_same_blocks(ref, pipe, 4, exact=True)
+
+
+@pytest.mark.slow
+def test_input_choice_space_pipebd_is_bitwise_reference(tmp_path):
+    """examples/custom/cell_space.py (InputChoice with n_chosen 1 and 2, widths as nni.choice expressions): teacher
+    relaying trains the reference's weights and losses exactly, the sampled lists of inputs included."""
+    cell = {"student": {"class_path": "cell_space:block_space"}}
+    ref, manifest = run_config(tmp_path, "ref", user_config(model=cell, distill={"paths_per_step": 2}))
+    pipe, pipe_manifest = run_config(tmp_path, "pipe", user_config(model=cell, distill={"paths_per_step": 2},
+                                                                   execution={"executor": "pipebd", "workers": 2}))
+    assert manifest["blocks"][0]["choices"]["c0_pair"] == [[0, 1], [0, 2], [1, 2]]
+    assert_same_blocks(ref, pipe, 4, exact=True)
+    assert [b["losses"] for b in pipe_manifest["blocks"]] == [b["losses"] for b in manifest["blocks"]]

@@ -92,3 +92,48 @@ def test_cli_writes_the_search_space_and_names_the_meta_file(tmp_path, capsys):
 
     meta = yaml.safe_load(Path(capsys.readouterr().out.strip()).read_text())
     assert meta == {"algoType": "tuner", "builtinName": "PipeBD", "className": "nni_pipebd.nni.tuner.BlockwiseTuner"}
+
+
+def test_input_choices_and_value_expressions_of_a_user_space(tmp_path):
+    """examples/custom/cell_space.py: an InputChoice's values are lists of inputs (NNI's sample format); they survive
+    the legacy dict (JSON, as nnictl passes it) and compare in any order; an expression (w * 2) is not a label."""
+    import json
+
+    from conftest import user_config
+    from nni_pipebd.job import build_student_space
+
+    config = user_config(model={"student": {"class_path": "cell_space:block_space"}})
+    choices = space_choices(build_student_space(config))
+    assert sorted(choices) == sorted(f"c{i}_{name}" for i in range(3) for name in ("width", "op", "first", "pair"))
+    assert choices["c0_width"] == [4, 8] and choices["c0_first"] == [[0], [1]]
+    assert choices["c2_pair"] == [[0, 1], [0, 2], [1, 2]]
+    again = space_choices(json.loads(json.dumps(legacy_search_space(choices))))
+    assert again == choices
+    check_space({k: list(reversed(v)) for k, v in again.items()}, choices)
+    with pytest.raises(SpaceMismatchError) as info:
+        check_space({**choices, "c1_pair": [[0, 1], [0, 2]]}, choices)
+    assert info.value.different == {"c1_pair": ([[0, 1], [0, 2]], [[0, 1], [0, 2], [1, 2]])}
+
+
+def test_what_one_shot_cannot_sample_is_refused_by_name_not_as_a_mismatch():
+    import nni
+    from nni.nas.nn.pytorch import InputChoice, ModelSpace
+
+    from nni_pipebd.nni.space import UnsupportedChoiceError
+
+    class AnyInputs(ModelSpace):
+        def __init__(self):
+            super().__init__()
+            self.inputs = InputChoice(3, n_chosen=None, label="inputs")
+
+    class Continuous(ModelSpace):
+        def __init__(self):
+            super().__init__()
+            self.ratio = self.add_mutable(nni.uniform("ratio", 0.5, 1.0))
+
+    for space, label, hint in ((AnyInputs(), "inputs", "a fixed n_chosen"), (Continuous(), "ratio", "nni.choice")):
+        with pytest.raises(UnsupportedChoiceError) as info:
+            space_choices(space)
+        message = str(info.value)
+        assert f"label {label!r}" in message and hint in message and "does not match" not in message
+        assert info.value.only_given == [label]

@@ -82,6 +82,25 @@ def test_donna_in_process_with_user_teacher_data_and_space(tmp_path, monkeypatch
     assert sum(m["role"] == "predictor" for m in state["models"]) == 3
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_dna_in_process_with_input_choices_and_expressions(tmp_path, monkeypatch):
+    """examples/custom/cell_space.py through NasExperiment: samples carry an InputChoice's list of inputs, NNI's
+    freeze of the space takes them, and the exported models run."""
+    isolate_nni(tmp_path, monkeypatch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on a loaded 2-core machine wait on each other (98 s here, not 30)
+    try:
+        evaluator = tiny_evaluator(tmp_path, user_config(model={"student": {"class_path": "cell_space:block_space"}}))
+        space = evaluator.student_space()
+        strategy = BlockwiseDNA("params=1M", top_k=2, ranking=RANKING)
+        samples, models = _run(NasExperiment(space, evaluator, strategy, _sequential(tmp_path)))
+        _check_exported(samples, models, space, 2, channels=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(len(s["c0_first"]) == 1 and len(s["c1_pair"]) == 2 for s in samples)
+
+
 @pytest.mark.timeout(300)
 def test_nni_random_strategy_evaluates_from_the_library(tmp_path, monkeypatch):
     from nni.nas.strategy import Random

@@ -156,7 +156,7 @@ def test_donna_options_and_errors():
         ({"kind": "donna", "attention": ["se", "cbam"]}, r"attention = .*\['none', 'se'\]; \['cbam'\] are not"),
         ({"kind": "donna", "attention": ["se", "se"]}, "distinct"),
         ({"kind": "donna", "expansions": [2, 0]}, r"expansions = \[2, 0\] must be a non-empty list of positive ints"),
-        ({"kind": "dnaa"}, r"model.student.kind = 'dnaa' is not valid; choose one of \['dna', 'fixed', 'donna'\]"),
+        ({"kind": "dnaa"}, r"model.student.kind = 'dnaa' is not valid; choose one of \['dna', 'fixed', 'donna', 'vit'\]"),
     ]
     for student, message in cases:
         with pytest.raises(ConfigError, match=message):

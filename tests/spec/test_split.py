@@ -121,3 +121,34 @@ def test_training_flags_restored() -> None:
     model = Branchy().train()
     split_model(model, torch.randn(2, 3, 16, 16))
     assert all(m.training for m in model.modules())
+
+
+def test_vision_transformer_splits_between_encoder_layers_in_balanced_blocks() -> None:
+    """Resolution never drops: the repeated encoder layers are grouped into blocks of balanced MACs, the patch
+    embedding (conv_proj, class token, position embedding) with the first, the pooled head last."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from nni_pipebd.plan.partition import balanced_boundaries
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=8, num_heads=2, hidden_dim=32, mlp_dim=64,
+                              num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    traced = trace_model(model, x)
+    layers = [f"encoder.layers.encoder_layer_{i}" for i in range(8)]
+    assert traced.repeated_units(traced.head_start()) == layers
+    blocks, names = split_model(model, x)
+    assert names == ["encoder.layers.encoder_layer_2", "encoder.layers.encoder_layer_4",
+                     "encoder.layers.encoder_layer_6", "getitem_21"]  # x[:, 0]: the class token, then heads
+    targets = [{str(n.target) for n in b.graph.nodes if n.op == "call_module"} for b in blocks]
+    assert "conv_proj" in targets[0] and targets[-1] == {"heads.head"}
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            assert torch.equal(_compose(blocks, x), model(x))
+    # balanced: the grouping is the min-max partition of the layers' MACs (embedding costed with the first layer)
+    starts = [traced.first[name] for name in layers]
+    costs = [sum(traced.node_macs[a:b]) for a, b in zip(starts, starts[1:] + [traced.head_start()])]
+    costs[0] += sum(traced.node_macs[:starts[0]])
+    assert [layers[i] for i in balanced_boundaries(costs, 4)[1:]] == names[:3]
+    assert costs[1] > 0 and len(set(costs[1:])) == 1  # attention (a leaf nn.MultiheadAttention) counted
