@@ -9,6 +9,11 @@ import torch
 
 from nni_pipebd.config import Config
 
+# One intra-op thread in the test process: on a 2-core machine that also runs worker processes, two threads per
+# process oversubscribe the cores and a tiny convolution waits for a time slice (62 ms instead of 0.7 ms, measured).
+# Runs set their own threads (execution.threads_per_worker, or the cores shared by the workers: worker_threads).
+torch.set_num_threads(1)
+
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -88,3 +88,25 @@ def test_port_in_use_is_named(tmp_path, monkeypatch):
         assert not (tmp_path / "out" / "library.json").exists()
     finally:
         holder.close()
+
+
+def test_one_thread_rule_wherever_a_worker_runs(tmp_path, monkeypatch):
+    """threads_per_worker when set, else the machine's cores shared by its workers: in the lead (the in-process
+    reference) as in spawned, forked and torchrun workers."""
+    import os
+
+    import torch
+
+    from nni_pipebd.executors import launch
+    from nni_pipebd.executors.processes import worker_threads
+
+    cores = os.cpu_count() or 1
+    assert worker_threads(tiny_config(tmp_path, execution={"threads_per_worker": 3}), 2) == 3
+    assert worker_threads(tiny_config(tmp_path, execution={"threads_per_worker": None}), 2) == max(1, cores // 2)
+    assert worker_threads(tiny_config(tmp_path, execution={"threads_per_worker": None}), 64) == 1
+    seen = []
+    build = launch.build_job
+    monkeypatch.setattr(launch, "build_job", lambda config: seen.append(torch.get_num_threads()) or build(config))
+    before = torch.get_num_threads()
+    train(tiny_config(tmp_path, execution={"threads_per_worker": None}), tmp_path / "ref")
+    assert seen == [cores] and torch.get_num_threads() == before  # the reference ran on all cores, then gave back
