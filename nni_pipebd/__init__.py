@@ -1,9 +1,7 @@
 """nni_pipebd: Pipe-BD blockwise-distillation NAS for NNI — teacher relaying, decoupled updates, hybrid distribution."""
 
-from importlib import import_module
-from typing import Any, List
-
 from .config import Config, ConfigError, load_config
+from .imports import lazy_names
 from .known_warnings import hide_if_asked
 
 # A worker the CLI spawned imports this package first: hide the known third-party warnings before anything imports
@@ -24,13 +22,4 @@ __all__ = ["Config", "ConfigError", "load_config", *_LAZY]
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> List[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())

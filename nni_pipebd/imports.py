@@ -1,13 +1,13 @@
-"""Import a user's callable by dotted path (``package.module:attr`` or ``package.module.Attr``), as LightningCLI does."""
+"""Imports by name: a user's callable by dotted path (as LightningCLI does), and a package's names on first use."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-__all__ = ["import_object", "ImportPathError"]
+__all__ = ["import_object", "ImportPathError", "lazy_names"]
 
 
 class ImportPathError(ValueError):
@@ -70,3 +70,29 @@ def _import_module(name: str, key: str, path: str, base_dir: Optional[Union[str,
         if folder not in sys.path:
             sys.path.insert(0, folder)
         return importlib.import_module(name)
+
+
+def lazy_names(package: str, homes: Mapping[str, str], namespace: Dict[str, Any]
+               ) -> Tuple[Callable[[str], Any], Callable[[], List[str]]]:
+    """A package's ``__getattr__`` and ``__dir__`` (PEP 562) for names that load on first use.
+
+    Parameters
+    ----------
+    package : str
+        The package's ``__name__``.
+    homes : mapping
+        Each public name to the submodule (relative to ``package``) that defines it.
+    namespace : dict
+        The package's ``globals()``: a loaded name is kept there, so it loads once.
+    """
+    def __getattr__(name: str) -> Any:
+        if name not in homes:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f".{homes[name]}", package), name)
+        namespace[name] = value
+        return value
+
+    def __dir__() -> List[str]:
+        return sorted(set(namespace) | set(homes))
+
+    return __getattr__, __dir__

@@ -4,8 +4,7 @@ Importing this package is cheap; torch and torchvision load with the first name 
 config's data set name check (:mod:`.names`) stays light.
 """
 
-import importlib
-from typing import Any
+from ..imports import lazy_names
 
 _WHERE = {"build_dataset": "datasets", "make_loader": "datasets", "BatchOrder": "order", "shard": "order",
           "shard_sizes": "order"}
@@ -13,7 +12,4 @@ _WHERE = {"build_dataset": "datasets", "make_loader": "datasets", "BatchOrder": 
 __all__ = sorted(_WHERE)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+__getattr__, __dir__ = lazy_names(__name__, _WHERE, globals())

@@ -4,8 +4,7 @@ Importing this package is cheap; ``pytorch_lightning`` (seconds to import) loads
 so config checks (:mod:`.options`) stay light.
 """
 
-import importlib
-from typing import Any
+from ..imports import lazy_names
 
 _WHERE = {
     "ClassificationData": "data", "EpochBatchSampler": "data", "ValBatchSampler": "data",
@@ -18,7 +17,4 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+__getattr__, __dir__ = lazy_names(__name__, _WHERE, globals())

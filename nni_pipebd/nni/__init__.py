@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
-from typing import Any
+
+from ..imports import lazy_names
 
 __all__ = [
     "BlockwiseDistillation", "BlockwiseDNA", "BlockwiseDONNA", "BlockwiseStrategy", "BlockwiseTuner",
@@ -30,13 +30,4 @@ def meta_path() -> Path:
     return Path(__file__).with_name(META_FILE)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _HOMES, globals())
