@@ -325,7 +325,7 @@ class ExecutionConfig:
         ``fp16`` (the same with float16 and a loss scaler per block; CUDA only); ``fp64`` (teacher, students, data
         batches, relayed activations, all-reduces, checkpoints and the saved blocks in float64, no autocast, on CPU
         and CUDA alike: for exact comparisons and debugging numerics — a batch split over devices then matches one
-        device to ~1e-13, where float32's rounding, amplified by training, moved weights by up to 2e-3; slow on most
+        device to ~1e-13, where float32's rounding, amplified by training, moved weights by 1.7e-3; slow on most
         GPUs, twice the memory and bytes; the search loads the float64 blocks into its float32 networks).
     channels_last : bool
         Teacher and student blocks and the activations they take in ``torch.channels_last`` memory format
