@@ -344,7 +344,11 @@ class ExecutionConfig:
     precision : str
         ``fp32``; ``bf16`` (teacher forwards and student forward + loss under bfloat16 autocast, weights and
         optimizer in fp32; relayed activations travel in the dtype the teacher produced them, half the bytes);
-        ``fp16`` (the same with float16 and a loss scaler per block; CUDA only).
+        ``fp16`` (the same with float16 and a loss scaler per block; CUDA only); ``fp64`` (teacher, students, data
+        batches, relayed activations, all-reduces, checkpoints and the saved blocks in float64, no autocast, on CPU
+        and CUDA alike: for exact comparisons and debugging numerics — a batch split over devices then matches one
+        device to ~1e-13, where float32's rounding, amplified by training, moved weights by 1.7e-3; slow on most
+        GPUs, twice the memory and bytes; the search loads the float64 blocks into its float32 networks).
     channels_last : bool
         Teacher and student blocks and the activations they take in ``torch.channels_last`` memory format
         (faster convolutions on tensor-core GPUs).
@@ -480,7 +484,7 @@ _CHOICES = {
     "distill.until": ("epochs", "plateau"),
     "execution.backend": ("auto", "gloo", "nccl"),
     "execution.device": ("auto", "cpu", "cuda"),
-    "execution.precision": ("fp32", "bf16", "fp16"),
+    "execution.precision": ("fp32", "bf16", "fp16", "fp64"),
     "execution.placement": ("free", "stages"),
     "execution.grad_sync": ("flat", "ddp"),
 }

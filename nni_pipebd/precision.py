@@ -1,4 +1,4 @@
-"""Numeric precision (fp32, bf16/fp16 autocast) and memory format: one place that says what each setting does."""
+"""Numeric precision (fp32, bf16/fp16 autocast, fp64) and memory format: one place that says what each setting does."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ from typing import ContextManager, Optional, Union
 
 import torch
 
-__all__ = ["PRECISIONS", "autocast_dtype", "autocast", "needs_scaler", "check_precision", "memory_format",
-           "formatted", "wire_dtype"]
+__all__ = ["PRECISIONS", "autocast_dtype", "autocast", "cast_dtype", "needs_scaler", "check_precision",
+           "memory_format", "formatted", "wire_dtype"]
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("fp32", "bf16", "fp16", "fp64")
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": None}
 
 
 def autocast_dtype(precision: str) -> Optional[torch.dtype]:
-    """The autocast dtype of ``precision`` (``None`` for ``fp32``: no autocast).
+    """The autocast dtype of ``precision`` (``None`` for ``fp32`` and ``fp64``: no autocast).
 
     Raises
     ------
@@ -29,8 +29,22 @@ def autocast_dtype(precision: str) -> Optional[torch.dtype]:
                          "(execution.precision)") from None
 
 
+def cast_dtype(precision: str) -> Optional[torch.dtype]:
+    """The dtype ``precision`` casts the teacher, the student blocks and the data batches to: ``torch.float64`` for
+    ``fp64`` (no autocast: every op, relay, all-reduce and saved weight in float64), ``None`` for the others (left
+    as they are, float32: autocast changes only what some ops compute in).
+
+    Raises
+    ------
+    ValueError
+        ``precision`` is not one of :data:`PRECISIONS`.
+    """
+    autocast_dtype(precision)
+    return torch.float64 if precision == "fp64" else None
+
+
 def autocast(precision: str, device: Union[str, torch.device]) -> ContextManager:
-    """``torch.autocast`` on ``device``'s type with ``precision``'s dtype; nothing for ``fp32``."""
+    """``torch.autocast`` on ``device``'s type with ``precision``'s dtype; nothing for ``fp32`` and ``fp64``."""
     dtype = autocast_dtype(precision)
     if dtype is None:
         return nullcontext()
@@ -43,7 +57,7 @@ def needs_scaler(precision: str) -> bool:
 
 
 def check_precision(precision: str, device: Union[str, torch.device], where: str = "execution.device") -> None:
-    """Raise ``ValueError`` when ``precision`` cannot run on ``device`` (fp16 needs CUDA).
+    """Raise ``ValueError`` when ``precision`` cannot run on ``device`` (fp16 needs CUDA; fp64 runs on both).
 
     ``where`` names how the device was chosen (the config key, or ``auto`` and what it resolved to), for the
     message.

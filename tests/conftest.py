@@ -123,6 +123,17 @@ def load_blocks(directory, n):
     return [torch.load(f"{directory}/block_{i}.pt") for i in range(n)]
 
 
+FP64 = {"precision": "fp64"}
+"""``execution`` of both sides of a comparison where a batch is split (or paths are shared) over devices. In float64
+the summation order moved no weight by more than 7.7e-14 (the torchvision job; 2e-16 on the tiny ones), in float32 by
+up to 1.7e-3 (0.26 relative): training amplifies rounding, so a float32 tolerance measured chaos, not correctness."""
+FP64_CLOSE = {"exact": False, "rtol": 1e-9, "atol": 1e-11}
+""":func:`assert_same_blocks` tolerances for float64 runs: over a hundred times the largest difference measured. Real
+bugs fail them, named by block and weight: BatchNorm left unsynchronised in one data-parallel group (its first weight
+off by 5e-9 to 7e-2), one rank's gradient off by a factor 1 + 1e-6 (1.7e-11 to 2.7e-8; float32's rtol 1e-4, atol 1e-5
+let that pass)."""
+
+
 def assert_same_blocks(a_dir, b_dir, n, exact=True, **tolerances):
     for i, (a, b) in enumerate(zip(load_blocks(a_dir, n), load_blocks(b_dir, n))):
         assert a.keys() == b.keys(), f"block {i}: different keys"

@@ -4,20 +4,26 @@ import pytest
 import torch
 
 from nni_pipebd.executors.runtime import _pack, _unpack
-from nni_pipebd.precision import autocast, autocast_dtype, check_precision, formatted, needs_scaler, wire_dtype
+from nni_pipebd.precision import (autocast, autocast_dtype, cast_dtype, check_precision, formatted, needs_scaler,
+                                  wire_dtype)
 
 
 def test_names_and_their_autocast():
-    assert [autocast_dtype(p) for p in ("fp32", "bf16", "fp16")] == [None, torch.bfloat16, torch.float16]
-    assert needs_scaler("fp16") and not needs_scaler("bf16") and not needs_scaler("fp32")
+    assert [autocast_dtype(p) for p in ("fp32", "bf16", "fp16", "fp64")] == [None, torch.bfloat16, torch.float16, None]
+    assert [cast_dtype(p) for p in ("fp32", "bf16", "fp16", "fp64")] == [None, None, None, torch.float64]
+    assert needs_scaler("fp16") and not any(needs_scaler(p) for p in ("bf16", "fp32", "fp64"))
     with autocast("bf16", "cpu"):
         assert torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.bfloat16
     with autocast("fp32", "cpu"):
         assert torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.float32
-    with pytest.raises(ValueError, match=r"unknown precision 'half'; choose one of \['fp32', 'bf16', 'fp16'\]"):
+    with pytest.raises(ValueError, match=r"unknown precision 'half'; choose one of \['fp32', 'bf16', 'fp16', 'fp64'\]"):
         autocast_dtype("half")
+    with pytest.raises(ValueError, match=r"unknown precision 'double'"):
+        cast_dtype("double")
     check_precision("fp16", "cuda")
     check_precision("bf16", "cpu")
+    check_precision("fp64", "cpu")
+    check_precision("fp64", "cuda")
     with pytest.raises(ValueError, match=r"'fp16' needs CUDA, but execution\.device gives cpu; use precision: bf16"):
         check_precision("fp16", torch.device("cpu"))
 
@@ -37,6 +43,7 @@ def test_formatted_changes_layout_never_values():
     (torch.bfloat16, torch.bfloat16, torch.bfloat16),  # bf16 relays travel in half the bytes
     (torch.bfloat16, torch.float16, torch.float32),
     (torch.float16, torch.float32, torch.float32),
+    (torch.float64, torch.float64, torch.float64),  # fp64 relays and feeds stay float64
 ])
 def test_feeds_keep_each_half_in_its_own_dtype_bit_for_bit(dtype_in, dtype_out, wire):
     assert wire_dtype(dtype_in, dtype_out) == wire

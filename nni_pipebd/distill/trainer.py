@@ -46,10 +46,11 @@ class BlockTrainer:
     total_steps : int
         Steps this block will take (length of the cosine schedule).
     precision : str
-        ``fp32``, ``bf16`` or ``fp16`` (``execution.precision``): the student's forward and the loss run under
-        that autocast on the input's device (the loss itself in fp32), backward outside it; weights and optimizer
-        stay fp32. ``fp16`` scales the loss with a ``torch.amp.GradScaler`` whose state is part of
-        :meth:`full_state`.
+        ``fp32``, ``bf16``, ``fp16`` or ``fp64`` (``execution.precision``): the student's forward and the loss run
+        under that autocast on the input's device (the loss itself in fp32), backward outside it; weights and
+        optimizer stay fp32. ``fp16`` scales the loss with a ``torch.amp.GradScaler`` whose state is part of
+        :meth:`full_state`. ``fp64`` has no autocast: the runtime gives this trainer a float64 student and float64
+        inputs, and everything stays float64 (the recorded BatchNorm statistics of a path split too).
 
     Attributes
     ----------
@@ -129,7 +130,7 @@ class BlockTrainer:
             if self._recorder is None:
                 self._recorder = BatchNormRecorder(self.student, k)
             recorder = self._recorder
-            recorder.start(x.device)
+            recorder.start(x.device, torch.promote_types(x.dtype, torch.float32))
         module = self.forward_module
         try:
             total = self._paths(module, x, target, k, factor, share, recorder)

@@ -11,7 +11,7 @@ from ..distill.convergence import plateaued
 from ..distill.trainer import BlockTrainer
 from ..job import Job
 from ..plan.plan import Phase, Placement, Plan, RankRoutes
-from ..precision import autocast, formatted, memory_format, wire_dtype
+from ..precision import autocast, cast_dtype, formatted, memory_format, wire_dtype
 from .base import BlockReport, WorkerContext, WorkerReport, stage_state
 from .comm import (FlagReceiver, FlagSender, Receiver, Sender, allreduce_gradients, allreduce_path_split,
                    data_parallel)
@@ -137,18 +137,19 @@ class _Run:
         execution, device, spec, distill = job.config.execution, ctx.device, job.spec, job.config.distill
         own = self.plan.routes(phase, ctx.rank, self.batch)
         precision, channels_last = execution.precision, execution.channels_last
-        layout = memory_format(channels_last)
+        layout, dtype = memory_format(channels_last), cast_dtype(precision)
         linked = own.relay_in or own.relay_out or own.feeds_out or any(v is not None for v in own.feeds_in.values())
         # what relayed tensors hold, probed before the teacher forwards are counted
         dtypes = spec.dtypes(device, precision, channels_last) if linked else None
         teacher = {}
         if own.relay is not None:
-            teacher = {i: spec.teacher[i].to(device, memory_format=layout) for i in phase.relays[own.relay].blocks}
+            teacher = {i: spec.teacher[i].to(device, dtype, memory_format=layout)
+                       for i in phase.relays[own.relay].blocks}
         trainers: Dict[int, BlockTrainer] = {}
         scales: Dict[int, float] = {}
         shares: Dict[int, Tuple[int, int]] = {}  # path splits: (this rank's index, ranks)
         for placement in own.students:
-            student = spec.student[placement.block].to(device, memory_format=layout)
+            student = spec.student[placement.block].to(device, dtype, memory_format=layout)
             group = self.groups.get(tuple(sorted(placement.ranks)))
             batch_split = group is not None and placement.split == "batch"
             if batch_split and execution.sync_bn:  # a path split gives every rank the whole batch: nothing to sync
@@ -196,7 +197,7 @@ class _Run:
                     if relay is not None:
                         if source is not None:
                             with tracer.span("data"):
-                                x = formatted(next(source)[0].to(device, non_blocking=True), channels_last)
+                                x = formatted(next(source)[0].to(device, dtype, non_blocking=True), channels_last)
                             self.report.count("samples_loaded", len(x))
                         else:
                             with tracer.span("recv"):

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..distill.trainer import BlockTrainer
 from ..job import Job
-from ..precision import autocast, formatted, memory_format
+from ..precision import autocast, cast_dtype, formatted, memory_format
 
 __all__ = ["BlockProfile", "LinkModel", "Profile", "profile_job", "profile_key", "mean_profile"]
 
@@ -157,14 +157,14 @@ def profile_job(job: Job, max_devices: int, device: torch.device = torch.device(
 
     Link costs (``p2p``, ``allreduce``) are left empty; the launcher measures them with real workers. A student
     step is ``distill.paths_per_step`` paths (recorded in the profile). Blocks run as the runtime runs them: under
-    ``execution.precision``'s autocast and in its memory format, so times, memory and the bytes a relay carries
-    (``activation_in_bytes``: bf16 halves them) are those of the setting. The teacher is timed as the relay runs
-    it: the whole chain, block after block, on a batch of its own per round (``teacher_s``: the median over
-    ``paths`` rounds; a block timed alone, again and again on one input, runs from warm caches and reads 10-15%
-    fast on a CPU). Each student step samples its own path, and a supernet's paths differ in cost several-fold:
-    ``student_s[1]`` is the mean over ``paths`` paths, and ``student_s[g]`` scales it by how much faster the first
-    ``repeats`` of those same paths ran at degree ``g`` (a ratio estimator: the costs at every degree follow the
-    same paths, for ``repeats`` steps per degree instead of ``paths``).
+    ``execution.precision``'s autocast (``fp64``: in float64) and in its memory format, so times, memory and the
+    bytes a relay carries (``activation_in_bytes``: bf16 halves them, fp64 doubles them) are those of the setting.
+    The teacher is timed as the relay runs it: the whole chain, block after block, on a batch of its own per round
+    (``teacher_s``: the median over ``paths`` rounds; a block timed alone, again and again on one input, runs from
+    warm caches and reads 10-15% fast on a CPU). Each student step samples its own path, and a supernet's paths
+    differ in cost several-fold: ``student_s[1]`` is the mean over ``paths`` paths, and ``student_s[g]`` scales it
+    by how much faster the first ``repeats`` of those same paths ran at degree ``g`` (a ratio estimator: the costs
+    at every degree follow the same paths, for ``repeats`` steps per degree instead of ``paths``).
 
     The degrees are interleaved round by round (a chain at every degree, then the next round; a block's step at
     every degree on one path, then the next path), so that a slow moment of a shared machine weighs on every
@@ -180,18 +180,18 @@ def profile_job(job: Job, max_devices: int, device: torch.device = torch.device(
         raise ValueError(f"paths = {paths} must be >= repeats = {repeats} (the paths every degree times)")
     batch = job.config.data.batch_size
     precision, channels_last = job.config.execution.precision, job.config.execution.channels_last
-    layout = memory_format(channels_last)
+    layout, dtype = memory_format(channels_last), cast_dtype(precision)
     degrees = [g for g in range(1, max_devices + 1) if g <= batch]
-    teachers = [teacher.to(device, memory_format=layout) for teacher in job.spec.teacher]
+    teachers = [teacher.to(device, dtype, memory_format=layout) for teacher in job.spec.teacher]
     sync = sync or (lambda: None)
     chain = _chain_times(job, teachers, degrees, warmup + paths, warmup, device, sync)
-    images = torch.stack([job.dataset[i % len(job.dataset)][0] for i in range(batch)]).to(device)
+    images = torch.stack([job.dataset[i % len(job.dataset)][0] for i in range(batch)]).to(device, dtype)
     blocks: List[BlockProfile] = []
     x = formatted(images, channels_last)
     slots = 2 if job.config.distill.optimizer == "adam" else (1 if job.config.distill.momentum else 0)
 
     def trainer(index: int, student: nn.Module, g: int, steps: int) -> BlockTrainer:
-        student = copy.deepcopy(student).to(device, memory_format=layout)
+        student = copy.deepcopy(student).to(device, dtype, memory_format=layout)
         if g > 1 and split_student is not None:
             student = split_student(student)
         return BlockTrainer(index, student, job.config.distill, steps, precision)
@@ -225,7 +225,7 @@ def profile_job(job: Job, max_devices: int, device: torch.device = torch.device(
         else:
             mem = {g: _cpu_memory_mb(teacher, trainers[g], x[:rows[g]], y[:rows[g]], slots, precision)
                    for g in degrees}
-        params = sum(p.numel() * p.element_size() for p in student.parameters() if p.requires_grad)
+        params = sum(p.numel() * (dtype or p.dtype).itemsize for p in student.parameters() if p.requires_grad)
         blocks.append(BlockProfile(chain[index], s_s, mem, int(x[0].numel() * x.element_size()),
                                    sum(grads) / len(grads), sum(bns) / len(bns), _bytes(teacher) / MB,
                                    int(y[0].numel() * y.element_size()), float(params)))
@@ -246,8 +246,8 @@ def _chain_times(job: Job, teachers: List[nn.Module], degrees: List[int], rounds
     for round_ in range(rounds):
         for g in degrees:
             first = (round_ * len(degrees) + g - 1) * batch
-            x = torch.stack([job.dataset[(first + i) % size][0] for i in range(math.ceil(batch / g))]).to(device)
-            x = formatted(x, channels_last)
+            x = torch.stack([job.dataset[(first + i) % size][0] for i in range(math.ceil(batch / g))])
+            x = formatted(x.to(device, cast_dtype(precision)), channels_last)
             with torch.no_grad(), autocast(precision, device):
                 for index, teacher in enumerate(teachers):
                     start = _now(device)

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..precision import autocast, formatted
+from ..precision import autocast, cast_dtype, formatted
 
 __all__ = ["BlockSpec", "ShapeMismatchError", "teacher_shapes", "teacher_dtypes", "block_seed"]
 
@@ -43,19 +43,23 @@ def teacher_dtypes(teacher: Sequence[nn.Module], sample: torch.Tensor, device: t
     """(input, output) dtype of every teacher block on ``device`` under ``precision``'s autocast.
 
     Measured, not assumed: autocast keeps some ops in fp32 (and CPU and CUDA autocast keep different ones), so the
-    probe runs where the blocks will run. Block 0's input is ``sample``'s dtype (the data's). Each block visits
-    ``device`` for its probe and returns to where it was.
+    probe runs where the blocks will run, cast as they will run (``fp64``: blocks and data in float64). Block 0's
+    input is ``sample``'s dtype (the data's) after that cast. Each block visits ``device`` for its probe and returns
+    to where it was, in the dtype it had.
     """
     dtypes = []
-    x = formatted(sample[:1].to(device), channels_last)
+    dtype = cast_dtype(precision)
+    x = formatted(sample[:1].to(device, dtype), channels_last)
     for block in teacher:
-        home = next((t.device for t in list(block.parameters()) + list(block.buffers())), device)
-        block.to(device)
+        state = list(block.parameters()) + list(block.buffers())
+        home = next((t.device for t in state), device)
+        home_dtype = next((t.dtype for t in state if t.is_floating_point()), None) if dtype else None
+        block.to(device, dtype)
         try:
             with autocast(precision, device):
                 y = block(x)
         finally:
-            block.to(home)
+            block.to(home, home_dtype)
         dtypes.append((x.dtype, y.dtype))
         x = formatted(y, channels_last)
     return dtypes

@@ -116,7 +116,7 @@ def test_fp16_loss_scaler_skips_overflow_and_resumes_exactly():
 
 def test_fp32_has_no_scaler_and_unknown_precision_is_named():
     assert make(DistillConfig()).full_state()["scaler"] is None
-    with pytest.raises(ValueError, match=r"unknown precision 'fp8'; choose one of \['fp32', 'bf16', 'fp16'\]"):
+    with pytest.raises(ValueError, match=r"unknown precision 'fp8'; choose one of \['fp32', 'bf16', 'fp16', 'fp64'\]"):
         make(DistillConfig(), precision="fp8")
 
 

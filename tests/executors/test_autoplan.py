@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from conftest import assert_same_blocks, tiny_config
+from conftest import FP64, FP64_CLOSE, assert_same_blocks, tiny_config
 from nni_pipebd.cli import main
 from nni_pipebd.executors.autoplan import auto_plan, get_profile
 from nni_pipebd.executors.launch import train
@@ -39,13 +39,13 @@ def test_profile_is_measured_once_then_reused(tmp_path, caplog):
 @pytest.mark.parametrize("placement", ["free", "stages"])
 @pytest.mark.slow
 def test_train_plan_auto_matches_reference(tmp_path, placement):
-    ref = train(tiny_config(tmp_path), tmp_path / "ref")
+    ref = train(tiny_config(tmp_path, execution=FP64), tmp_path / "ref")
     auto = train(tiny_config(tmp_path, execution={"executor": "pipebd", "workers": 2, "plan": "auto",
-                                                  "placement": placement}),
+                                                  "placement": placement, **FP64}),
                  tmp_path / "auto")
     assert (tmp_path / "auto" / "plan.json").is_file()
     assert auto["config"]["execution"]["plan"].endswith("plan.json")
-    assert_same_blocks(tmp_path / "ref", tmp_path / "auto", 5, exact=False, rtol=1e-4, atol=1e-5)
+    assert_same_blocks(tmp_path / "ref", tmp_path / "auto", 5, **FP64_CLOSE)
     assert ref["num_blocks"] == auto["num_blocks"]
 
 

@@ -1,5 +1,5 @@
 """``execution.grad_sync: ddp``: batch-split student blocks in DistributedDataParallel train what the flat all-reduce
-and the single-process reference train (the same math, up to float rounding), stop together and resume.
+and the single-process reference train (the same math, up to float64 rounding), stop together and resume.
 
 The gloo workers of the first test import this module: it keeps NNI (the plan and launch modules) out of its imports.
 """
@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import assert_same_blocks, tiny_config
+from conftest import FP64, FP64_CLOSE, assert_same_blocks, tiny_config
 from nni_pipebd.executors.forkserver import warm_start
 from nni_pipebd.config import DistillConfig
 from nni_pipebd.distill.trainer import BlockTrainer
@@ -25,7 +25,6 @@ from nni_pipebd.executors.syncbn import convert_sync_batchnorm
 
 pytestmark = pytest.mark.timeout(240)
 
-CLOSE = {"exact": False, "rtol": 1e-4, "atol": 1e-5}
 DISTILL = {"paths_per_step": 2}  # the first path's gradients accumulate under no_sync, summed with the last's
 
 
@@ -37,13 +36,13 @@ def train(config, out, **kwargs):
 
 def same_losses(a, b):
     for x, y in zip(a["blocks"], b["blocks"]):
-        assert x["losses"] == pytest.approx(y["losses"], rel=1e-5)
+        assert x["losses"] == pytest.approx(y["losses"], rel=FP64_CLOSE["rtol"])
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "ref"
-    return out, train(tiny_config(distill=DISTILL), out)
+    return out, train(tiny_config(distill=DISTILL, execution=FP64), out)
 
 
 class _Supernet(nn.Module):
@@ -66,6 +65,7 @@ class _Supernet(nn.Module):
 
 
 ROWS = (3, 5)  # an uneven split of 8 rows: averaging instead of summing would show
+TOLERANCES = {"rtol": FP64_CLOSE["rtol"], "atol": FP64_CLOSE["atol"]}
 
 
 def _ddp_worker(rank, store):
@@ -76,8 +76,8 @@ def _ddp_worker(rank, store):
     try:
         group = dist.new_group(list(range(len(ROWS))))
         torch.manual_seed(0)
-        student = _Supernet()
-        batches = [(torch.randn(8, 3, 6, 6), torch.randn(8, 4, 6, 6)) for _ in range(4)]
+        student = _Supernet().double()  # float64: the tolerances below decide, rounding does not
+        batches = [(torch.randn(8, 3, 6, 6).double(), torch.randn(8, 4, 6, 6).double()) for _ in range(4)]
         lo, hi = sum(ROWS[:rank]), sum(ROWS[:rank + 1])
         for k in (1, 2):
             config = DistillConfig(optimizer="sgd", lr=0.1, paths_per_step=k, seed=3)
@@ -91,20 +91,20 @@ def _ddp_worker(rank, store):
                 a = flat.forward_backward(x[lo:hi], target[lo:hi], scale)
                 a = allreduce_gradients(flat.parameters_with_grad(), a, group)
                 b = allreduce_gradients([], ddp.forward_backward(x[lo:hi], target[lo:hi], scale), group)
-                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+                torch.testing.assert_close(b, a, **TOLERANCES)
                 assert flat.last_paths == ddp.last_paths
                 mixed += len({path["op"] for path in ddp.last_paths}) > 1
                 for (name, p), q in zip(flat.student.named_parameters(), ddp.student.parameters()):
                     assert (p.grad is None) == (q.grad is None), f"k={k} {name}: {p.grad is None} {q.grad is None}"
                     unused += p.grad is None
                     if p.grad is not None:
-                        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7,
+                        torch.testing.assert_close(q.grad, p.grad, **TOLERANCES,
                                                    msg=lambda m, name=name: f"k={k} {name}: {m}")
                 flat.apply(a)
                 ddp.apply(b)
             assert unused and (k == 1 or mixed), (k, unused, mixed)  # unused candidates; paths accumulated
             for (name, p), q in zip(flat.student.state_dict().items(), ddp.student.state_dict().values()):
-                torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"k={k} {name}: {m}")
+                torch.testing.assert_close(q, p, **TOLERANCES, msg=lambda m, name=name: f"k={k} {name}: {m}")
     finally:
         dist.destroy_process_group()
 
@@ -124,9 +124,9 @@ def test_hybrid_plan_with_ddp_matches_reference(tmp_path, reference):
 
     path = Plan([Stage(0, 2, 2), Stage(2, 5, 1)]).save(tmp_path / "plan.json")
     config = tiny_config(tmp_path, distill=DISTILL,
-                         execution={"executor": "pipebd", "workers": 3, "plan": str(path), "grad_sync": "ddp"})
+                         execution={"executor": "pipebd", "workers": 3, "plan": str(path), "grad_sync": "ddp", **FP64})
     manifest = train(config, tmp_path / "run")
-    assert_same_blocks(reference[0], tmp_path / "run", 5, **CLOSE)
+    assert_same_blocks(reference[0], tmp_path / "run", 5, **FP64_CLOSE)
     same_losses(reference[1], manifest)
     assert manifest["counters"]["teacher_block_forwards_per_sample"] == 5
 
@@ -140,7 +140,7 @@ def test_dp_with_ddp_stops_together_and_resumes_to_the_reference(tmp_path, refer
     from test_stopping import SLOW, checkpointed, stopped_steps, wait_for
 
     config = tiny_config(tmp_path, distill=DISTILL,
-                         execution={"executor": "dp", "workers": 2, "grad_sync": "ddp", "checkpoint_every": 1})
+                         execution={"executor": "dp", "workers": 2, "grad_sync": "ddp", "checkpoint_every": 1, **FP64})
     run, finished = tmp_path / "run", threading.Event()
 
     def signal_after_the_first_checkpoints():
@@ -164,5 +164,5 @@ def test_dp_with_ddp_stops_together_and_resumes_to_the_reference(tmp_path, refer
     assert step < 15 and stopped_steps(run) == {"rank0": step, "rank1": step}
     monkeypatch.delenv(ENV)
     manifest = train(config, run, resume=True)
-    assert_same_blocks(reference[0], run, 5, **CLOSE)
+    assert_same_blocks(reference[0], run, 5, **FP64_CLOSE)
     same_losses(reference[1], manifest)

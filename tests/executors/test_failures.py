@@ -57,3 +57,26 @@ def test_nan_loss_skip_option_keeps_training(tmp_path, caplog):
     manifest = train(config, tmp_path / "out")
     assert "update skipped" in caplog.text
     assert manifest["num_blocks"] == 5
+
+
+def test_wait_fault_blocks_until_its_file_exists(tmp_path, monkeypatch):
+    """``kind=wait``: the named rank and step block until the file appears (a test writes it after its signal), and
+    fail, naming the file, when it never does."""
+    import threading
+
+    from nni_pipebd.executors.faults import InjectedFault, inject
+
+    go = tmp_path / "go"
+    monkeypatch.setenv(ENV, f"rank=0,step=1,kind=wait,file={go},seconds=30")
+    inject(0, 0)
+    inject(1, 1)  # other steps and ranks go on at once
+    threading.Timer(0.3, go.write_text, ("",)).start()
+    start = time.monotonic()
+    inject(0, 1)
+    assert go.exists() and time.monotonic() - start >= 0.25
+    monkeypatch.setenv(ENV, f"rank=0,step=1,kind=wait,file={tmp_path / 'never'},seconds=0.1")
+    with pytest.raises(InjectedFault, match=r"injected wait at rank 0, step 1: .*never did not appear within 0.1 s"):
+        inject(0, 1)
+    monkeypatch.setenv(ENV, "rank=0,step=1,kind=wait")
+    with pytest.raises(ValueError, match="kind=wait needs file=PATH"):
+        inject(0, 1)

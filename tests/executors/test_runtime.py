@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from conftest import assert_same_blocks, tiny_config
+from conftest import FP64, FP64_CLOSE, assert_same_blocks, tiny_config
 from nni_pipebd.executors.launch import train
 from nni_pipebd.plan.plan import Phase, Placement, Plan, Relay
 
@@ -23,6 +23,13 @@ SPLIT = Plan([Phase((Relay(0, 2, (0, 1)), Relay(2, 5, (2,))),  # a two-device fi
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "ref"
     return out, train(tiny_config(distill={"epochs": 2}), out)
+
+
+@pytest.fixture(scope="module")
+def reference64(tmp_path_factory):
+    """The reference in float64, for runs that split a batch."""
+    out = tmp_path_factory.mktemp("reference64") / "ref"
+    return out, train(tiny_config(distill={"epochs": 2}, execution=FP64), out)
 
 
 def run_plan(tmp_path, plan, **execution):
@@ -57,11 +64,11 @@ def test_bf16_students_apart_are_bitwise_bf16_reference(tmp_path):
 
 @pytest.mark.parametrize("decoupled", [True, False])
 @pytest.mark.slow
-def test_split_links_and_students_match_reference(tmp_path, reference, decoupled):
-    out, manifest = run_plan(tmp_path, SPLIT, decoupled=decoupled)
-    assert_same_blocks(reference[0], out, 5, exact=False, rtol=1e-4, atol=1e-5)
-    for a, b in zip(reference[1]["blocks"], manifest["blocks"]):
-        assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
+def test_split_links_and_students_match_reference(tmp_path, reference64, decoupled):
+    out, manifest = run_plan(tmp_path, SPLIT, decoupled=decoupled, **FP64)
+    assert_same_blocks(reference64[0], out, 5, **FP64_CLOSE)
+    for a, b in zip(reference64[1]["blocks"], manifest["blocks"]):
+        assert a["losses"] == pytest.approx(b["losses"], rel=FP64_CLOSE["rtol"])
     assert manifest["counters"]["teacher_block_forwards_per_sample"] == 5
     assert manifest["counters"]["samples_loaded_per_sample"] == 1
 
@@ -77,8 +84,9 @@ def test_stop_reaches_every_rank_of_a_free_plan_and_resume_matches(tmp_path, nam
 
     path = plan.save(tmp_path / "plan.json")
     sections = {"distill": {"epochs": 2, "max_steps_per_epoch": steps}, "data": {"num_samples": 8 * steps}}
+    precision = FP64 if name == "split" else {}  # a split batch: both in float64
     config = tiny_config(tmp_path, **sections, execution={"executor": "pipebd", "workers": 3, "plan": str(path),
-                                                          "checkpoint_every": every})
+                                                          "checkpoint_every": every, **precision})
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config.to_dict()))
     proc = start(cli("train", str(tmp_path / "job.yaml"), "--out", "run"), tmp_path)
     try:
@@ -93,8 +101,8 @@ def test_stop_reaches_every_rank_of_a_free_plan_and_resume_matches(tmp_path, nam
     if name == "late":
         assert step % every and step % steps, step  # neither a checkpoint nor an epoch end: a late step was due
     train(config, tmp_path / "run", resume=True)
-    train(tiny_config(tmp_path, **sections), tmp_path / "ref")
-    assert_same_blocks(tmp_path / "ref", tmp_path / "run", 5, exact=name == "late", rtol=1e-4, atol=1e-5)
+    train(tiny_config(tmp_path, **sections, execution=precision), tmp_path / "ref")
+    assert_same_blocks(tmp_path / "ref", tmp_path / "run", 5, **({"exact": True} if name == "late" else FP64_CLOSE))
 
 
 @pytest.mark.slow

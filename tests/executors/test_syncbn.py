@@ -421,11 +421,12 @@ def test_sliced_batchnorm_of_a_supernet_matches_nni_mixed_batchnorm() -> None:
 @pytest.mark.gpu(devices=2)
 def test_cuda_sync_bn_in_a_two_rank_group_matches_one_device(tmp_path: Path) -> None:
     """The CUDA path (torch.nn.SyncBatchNorm over NCCL): dp on two GPUs, each half the batch, trains what one GPU
-    trains on the whole batch (tolerances 10x the CPU test's: TF32 and reduction order on the GPU)."""
-    from conftest import assert_same_blocks, tiny_config
+    trains on the whole batch (in float64: no TF32, and the reduction order's rounding stays far below the
+    tolerance)."""
+    from conftest import FP64, FP64_CLOSE, assert_same_blocks, tiny_config
     from nni_pipebd.executors.launch import train
 
     for workers in (1, 2):
         train(tiny_config(tmp_path, execution={"executor": "dp", "workers": workers, "device": "cuda",
-                                               "deterministic": True}), tmp_path / f"dp{workers}")
-    assert_same_blocks(tmp_path / "dp1", tmp_path / "dp2", 5, exact=False, rtol=1e-3, atol=1e-4)
+                                               "deterministic": True, **FP64}), tmp_path / f"dp{workers}")
+    assert_same_blocks(tmp_path / "dp1", tmp_path / "dp2", 5, **FP64_CLOSE)

@@ -185,7 +185,9 @@ print("run returned", flush=True)
 @pytest.mark.slow
 def test_ctrl_c_stops_the_experiment_its_trial_and_workers(tmp_path):
     """Ctrl-C (SIGINT to the foreground process group) during distillation on NNI's training service: the
-    experiment stops (NNI manager gone, port free) and no process of the run is left — trial and workers included."""
+    experiment stops (NNI manager gone, port free) and no process of the run is left — trial and workers included.
+    Rank 0 waits before its second step for a file the test writes once the run's lead has taken the signal (its
+    stop file is there) or the run is gone: the run cannot end before the signal, whatever the load."""
     import os
     import signal
     import subprocess
@@ -198,16 +200,23 @@ def test_ctrl_c_stops_the_experiment_its_trial_and_workers(tmp_path):
 
     from conftest import is_worker
     from nni_pipebd.executors.faults import ENV
+    from nni_pipebd.executors.stopping import STOP_FILE
 
-    port, mark = free_port(), uuid.uuid4().hex
+    port, mark, go = free_port(), uuid.uuid4().hex, tmp_path / "signalled"
     script = tmp_path / "run_nas.py"
     script.write_text(_CTRL_C_SCRIPT.format(tests=str(Path(__file__).resolve().parents[1]), root=str(tmp_path),
                                             lib=str(tmp_path / "lib"), experiments=str(tmp_path / "experiments"),
                                             port=port))
     (tmp_path / "home" / "nni-experiments").mkdir(parents=True)
+    temp = tmp_path / "tmp"  # where the lead's spawn rendezvous (and its stop file) go
+    temp.mkdir()
     env = {**os.environ, "HOME": str(tmp_path / "home"), "NNI_CONFIG_DIR": str(tmp_path / "nni-config"),
+           "TMPDIR": str(temp),
            "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PYTHONWARNINGS": "ignore",
-           ENV: "rank=0,step=0,kind=slow,seconds=0.5", "NNI_PIPEBD_TEST_MARK": mark}
+           ENV: f"rank=0,step=1,kind=wait,file={go}", "NNI_PIPEBD_TEST_MARK": mark}
+
+    def workers():
+        return sum(map(is_worker, of_the_run()))
 
     def of_the_run():
         found = []
@@ -223,12 +232,15 @@ def test_ctrl_c_stops_the_experiment_its_trial_and_workers(tmp_path):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and sum(map(is_worker, of_the_run())) < 2:
+        while time.monotonic() < deadline and workers() < 2:
             assert proc.poll() is None, proc.communicate()[0][-3000:]
             time.sleep(0.5)
         assert time.monotonic() < deadline, "the distillation workers did not start"
-        time.sleep(2)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        deadline = time.monotonic() + 60
+        while not list(temp.glob(f"*/{STOP_FILE}")) and workers() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        go.write_text("")  # rank 0 may go on
         output, _ = proc.communicate(timeout=90)
         deadline = time.monotonic() + 20
         while of_the_run() and time.monotonic() < deadline:

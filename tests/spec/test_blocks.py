@@ -78,4 +78,6 @@ def test_dtypes_are_probed_under_the_precision_not_assumed():
     assert spec.dtypes(torch.device("cpu")) == [(f32, f32)] * 3
     assert spec.dtypes(torch.device("cpu"), "bf16") == [(f32, bf16), (bf16, f32), (f32, bf16)]  # data in fp32
     assert spec.dtypes(torch.device("cpu"), "bf16", channels_last=True) == [(f32, bf16), (bf16, f32), (f32, bf16)]
-    assert all(p.device.type == "cpu" and p.dtype == f32 for p in spec.teacher[0].parameters())  # left as it was
+    assert spec.dtypes(torch.device("cpu"), "fp64") == [(torch.float64, torch.float64)] * 3  # data cast too
+    assert all(p.device.type == "cpu" and p.dtype == f32 for block in spec.teacher
+               for p in block.parameters())  # left as it was
