@@ -279,6 +279,7 @@ def test_script_lines_match_the_scripts(help_texts):
         assert not missing, f"{command.where}: {command.text!r}: {missing} not in {command.words[1]} --help"
 
 
+@pytest.mark.slow
 def test_nnictl_lines_match_nnictl_and_the_configs_load(help_texts, capsys):
     from nni.experiment.config import ExperimentConfig
 

@@ -27,6 +27,7 @@ def shrink(raw: dict, tmp_path: Path, **data) -> Config:
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "config-cpu.yaml"])
+@pytest.mark.slow  # runs long (over a second here)
 def test_cifar10_recipe(tmp_path, monkeypatch, name):
     root = tmp_path / "data" / "cifar10"
     _make_cifar(root, per_batch=4, test=4)

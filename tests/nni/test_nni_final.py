@@ -78,6 +78,7 @@ def _sequential(tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # runs long (over a second here)
 def test_strategy_ranks_the_top_k_by_the_final_evaluator(library, tmp_path, monkeypatch):
     isolate_nni(tmp_path, monkeypatch)
     monkeypatch.setattr(nni.trial, "_params", None)  # the sequential engine leaves its last model as the parameter

@@ -45,6 +45,7 @@ def _check_exported(samples, models, space, top_k, channels=3):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # runs long (over a second here)
 def test_dna_in_process(tmp_path, monkeypatch):
     isolate_nni(tmp_path, monkeypatch)
     evaluator = tiny_evaluator(tmp_path)
@@ -68,6 +69,7 @@ def test_dna_in_process(tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # runs long (over a second here)
 def test_donna_in_process_with_user_teacher_data_and_space(tmp_path, monkeypatch):
     isolate_nni(tmp_path, monkeypatch)
     # examples/custom: the user's teacher, data and NNI block space (LayerChoice, Repeat from depth 0, width choice)
@@ -102,6 +104,7 @@ def test_dna_in_process_with_input_choices_and_expressions(tmp_path, monkeypatch
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # runs long (over a second here)
 def test_nni_random_strategy_evaluates_from_the_library(tmp_path, monkeypatch):
     from nni.nas.strategy import Random
 
@@ -258,6 +261,7 @@ def test_ctrl_c_stops_the_experiment_its_trial_and_workers(tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # runs long (over a second here)
 def test_the_space_given_to_nas_experiment_is_distilled(tmp_path, monkeypatch):
     from conftest import EXAMPLES
 

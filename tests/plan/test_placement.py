@@ -66,6 +66,7 @@ def small_case(seed, size=None):
 
 
 @pytest.mark.parametrize("seed, size", [(s, None) for s in range(24)] + [(1000, (4, 3)), (1001, (4, 3))])
+@pytest.mark.slow  # runs long (over a second here)
 def test_place_is_optimal(seed, size):
     rng, n, w, profile = small_case(seed, size)
     sync_bn = seed % 2 == 0

@@ -166,6 +166,7 @@ def test_donna_search_on_a_library(library):
         donna_search(scores, predictor, Budget("params", 10))
 
 
+@pytest.mark.slow  # runs long (over a second here)
 def test_fit_predictor_finetunes_and_caches(library):
     settings = FinetuneSettings(epochs=1, max_steps_per_epoch=1)
     data = fit_predictor(library, 3, settings, ranking=RANKING)

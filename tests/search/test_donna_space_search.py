@@ -33,6 +33,7 @@ def library(tmp_path_factory):
     return root / "lib"
 
 
+@pytest.mark.slow  # runs long (over a second here)
 def test_scores_name_the_donna_labels_and_values(library):
     scores = rank_library(library, RANKING)
     searchable = [b for b in scores["blocks"] if b["labels"]]
@@ -80,6 +81,7 @@ def test_donna_search_over_the_donna_space(library):
         assert net(torch.zeros(2, 3, 16, 16)).shape == (2, 10)
 
 
+@pytest.mark.slow  # runs long (over a second here)
 def test_search_cli_flow_fits_the_predictor_by_finetuning(library):
     result = search_library(library, "donna", "params=1e9", top_k=2, ranking=RANKING, predictor_archs=3,
                             finetune_settings=FinetuneSettings(epochs=1, max_steps_per_epoch=1), population=8,

@@ -74,6 +74,7 @@ def test_wrong_sample_keys_name_bad_and_valid_ones(library):
     assert info.value.unknown == ["s9_i0"] and info.value.missing == ["s0_i0"]
 
 
+@pytest.mark.slow  # runs long (over a second here)
 def test_finetune_trains_evaluates_and_writes(library, tmp_path):
     out, model = tmp_path / "result.json", tmp_path / "model.pt"
     settings = FinetuneSettings(epochs=2, max_steps_per_epoch=2, lr=0.01)

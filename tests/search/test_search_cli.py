@@ -16,6 +16,7 @@ def library(tmp_path_factory):
     return root / "lib"
 
 
+@pytest.mark.slow  # runs long (over a second here)
 def test_search_then_finetune(library, tmp_path, capsys):
     archs = tmp_path / "archs.json"
     assert main(["search", str(library), "--method", "dna", "--budget", "params=1M", "--top-k", "2",
@@ -34,6 +35,7 @@ def test_search_then_finetune(library, tmp_path, capsys):
     assert 0 <= result["student"]["val_accuracy"] <= 1
 
 
+@pytest.mark.slow  # runs long (over a second here)
 def test_search_donna(library, tmp_path, capsys):
     assert main(["search", str(library), "--method", "donna", "--budget", "params=1M", "--predictor-archs", "3",
                  "--latency-runs", "1", "--json"]) == 0

@@ -25,6 +25,7 @@ def library(tmp_path_factory):
     return root / "lib"
 
 
+@pytest.mark.slow  # runs long (over a second here)
 def test_dna_search_over_the_user_space(library):
     result = search_library(library, "dna", "params=1e9", top_k=3, ranking=FAST)
     blocks = result["ranking"]["blocks"]

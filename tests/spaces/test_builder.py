@@ -42,6 +42,7 @@ def test_head_student_is_fresh_copy_without_dropout():
     assert head(torch.zeros(2, *teacher_shapes(t, SAMPLE)[-1][0])).shape == (2, 10)
 
 
+@pytest.mark.slow  # runs long (over a second here)
 def test_initialisation_depends_only_on_seed_and_block():
     t = mobilenet()
     shapes = teacher_shapes(t, SAMPLE)

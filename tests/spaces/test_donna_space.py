@@ -55,6 +55,7 @@ def test_labels_and_candidates_follow_the_teacher(student, teacher):
                                                                             for n in (2, 2, 3, 7, 4)]
 
 
+@pytest.mark.slow  # runs long (over a second here)
 def test_every_path_of_every_block_maps_the_teacher_shapes(student, teacher):
     count = 0
     for block, (shape_in, shape_out) in zip(student.blocks, teacher[1]):
@@ -85,6 +86,7 @@ def _block_params(c_in, c_out, path, i):
 
 
 @pytest.mark.parametrize("i", [2, 3])
+@pytest.mark.slow  # runs long (over a second here)
 def test_depth_and_width_change_the_frozen_parameter_count(student, teacher, i):
     block = student.blocks[i]
     (c_in, _, _), (c_out, _, _) = teacher[1][i]
