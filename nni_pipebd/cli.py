@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .config import load_config
+from .executors.forkserver import start_server_for  # standard library only, as the next two
 from .executors.stopping import RunStopped  # standard library only: the CLI's imports stay light
 from .known_warnings import command_warnings
 
@@ -51,8 +52,7 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError(f"--resume {args.resume} and --out {args.out} name different folders; give one")
     out = Path(args.resume or args.out or f"runs/{Path(args.config).stem}-{config.execution.executor}")
     trace = args.trace or str(out / "trace.json")
-    if config.execution.workers > 1 or config.execution.executor != "reference" or config.execution.plan == "auto":
-        _warm_workers()
+    start_server_for(config.execution.executor, config.execution.workers)
     from .executors.launch import train
     from .report.summary import train_summary
 
@@ -71,7 +71,7 @@ def _train(args: argparse.Namespace) -> int:
 def _profile(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     workers = args.workers or config.execution.workers
-    _warm_workers()
+    start_server_for("pipebd", workers)  # profiling measures the links with worker processes
     from .executors.autoplan import get_profile
 
     profile = get_profile(config, workers, args.out)
@@ -91,7 +91,7 @@ def _plan(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.memory_limit is not None:
         config = config.replace(execution={"memory_limit_mb": args.memory_limit})
-    _warm_workers()
+    start_server_for("pipebd", args.workers)  # profiling measures the links with worker processes
     from .executors.autoplan import auto_plan
 
     plan, profile = auto_plan(config, args.workers, args.profile)
@@ -209,16 +209,6 @@ def _nni_space(args: argparse.Namespace) -> int:
     else:
         print(text)
     return 0
-
-
-def _warm_workers() -> None:
-    """Start the workers' fork server now, so that its imports run beside this process's own (under torchrun the
-    workers are torchrun's: nothing to start)."""
-    from .executors.forkserver import start_server
-    from .executors.torchrun import under_torchrun
-
-    if not under_torchrun():
-        start_server()
 
 
 def _set_threads(threads: Optional[int]) -> None:

@@ -8,7 +8,8 @@ import threading
 from multiprocessing import forkserver
 from typing import Optional
 
-__all__ = ["ENV", "PRELOAD", "start_method", "start_server", "warm_start", "server_pid", "leave_server"]
+__all__ = ["ENV", "PRELOAD", "start_method", "start_server", "start_server_for", "warm_start", "server_pid",
+           "leave_server"]
 
 ENV = "NNI_PIPEBD_START_METHOD"
 """``forkserver`` (the default where the platform has it) or ``spawn`` (every worker imports torch and NNI itself:
@@ -47,6 +48,15 @@ def start_server() -> Optional[int]:
             multiprocessing.set_forkserver_preload([PRELOAD])
         server.ensure_running()
         return server._forkserver_pid
+
+
+def start_server_for(executor: str, workers: int) -> None:
+    """Start the server now if a run of ``executor`` on ``workers`` workers will start worker processes: all but the
+    reference on one worker (it runs in this process), and none under torchrun (its ranks are torchrun's)."""
+    from .torchrun import under_torchrun
+
+    if not under_torchrun() and (executor != "reference" or workers != 1):
+        start_server()
 
 
 def warm_start() -> str:

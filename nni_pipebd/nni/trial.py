@@ -82,24 +82,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                      os.environ.get("CUDA_VISIBLE_DEVICES"))
     from ..executors.stopping import RunStopped
 
-    if _starts_workers(params):
-        from ..executors.forkserver import start_server
+    if isinstance(params, dict) and params.get("task") == "distill":  # the server imports beside this process
+        from ..executors.forkserver import start_server_for
 
-        start_server()  # the workers' fork server imports beside this process's own imports
+        execution = ((params.get("evaluator") or {}).get("config") or {}).get("execution") or {}
+        start_server_for(execution.get("executor", "reference"), execution.get("workers", 1))
     try:
         run_trial(params)
     except RunStopped as stopped:  # nnictl stop / trial cancel: SIGTERM; the next experiment resumes the run
         _logger.warning("%s; an experiment with if_exists: reuse resumes it", stopped)
         return stopped.exit_code
     return 0
-
-
-def _starts_workers(params: Any) -> bool:
-    """Whether the trial distils with worker processes (its config's executor and workers, as plain data)."""
-    if not isinstance(params, dict) or params.get("task") != "distill":
-        return False
-    execution = ((params.get("evaluator") or {}).get("config") or {}).get("execution") or {}
-    return execution.get("workers", 1) != 1 or execution.get("executor", "reference") != "reference"
 
 
 if __name__ == "__main__":

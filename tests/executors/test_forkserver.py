@@ -56,3 +56,21 @@ def test_unknown_start_method_is_named(monkeypatch):
     with pytest.raises(ValueError, match=r"NNI_PIPEBD_START_METHOD = 'fork' is not valid; choose one of "
                                          r"\['forkserver', 'spawn'\]"):
         start_method()
+
+
+def test_the_server_starts_only_for_runs_with_worker_processes(monkeypatch):
+    from nni_pipebd.executors import forkserver
+
+    started = []
+    monkeypatch.setattr(forkserver, "start_server", lambda: started.append(True))
+    for executor, workers, expected in (("reference", 1, False), ("pipebd", 1, True), ("dp", 2, True),
+                                        ("ls", 3, True)):
+        started.clear()
+        forkserver.start_server_for(executor, workers)
+        assert bool(started) is expected, (executor, workers)
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(key, value)
+    started.clear()
+    forkserver.start_server_for("pipebd", 2)  # a torchrun rank: its workers are torchrun's
+    assert not started
